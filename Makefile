@@ -1,0 +1,25 @@
+# Two entry points do all set-up on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_OUT ?= runs/demo
+PYTEST_ARGS ?=
+
+# torch==2.13.0 is pinned first: a CPU build on this kind of machine; an open range
+# could pull a multi-GB CUDA build. On a GPU node use `pip install -e .` directly.
+$(BIN)/vpo: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip wheel
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(BIN)/vpo
+
+install: $(BIN)/vpo
+
+demo: install
+	$(BIN)/vpo demo --out $(DEMO_OUT)
+
+test: install
+	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+.PHONY: install demo test

@@ -1,0 +1,63 @@
+"""`vpo` console script: a thin dispatcher; each subcommand lives in its own module.
+
+A command module exposes `add_arguments(parser)` and `run(args) -> int` and keeps heavy
+imports (torch, ray, transformers) inside functions so `vpo --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "demo": ("vpo_ray.demo", "run the whole VPO loop on the tiny preset with a local Ray instance"),
+    "generate": ("vpo_ray.pipeline.generate", "build the SFT set or the DPO set from raw queries (Ray Data)"),
+    "train": ("vpo_ray.train.runner", "train the optimizer with SFT or DPO (Ray Train + TRL + DeepSpeed)"),
+    "loop": ("vpo_ray.train.loop", "chain build-SFT, train-SFT, then N rounds of build-DPO and train-DPO"),
+    "serve": ("vpo_ray.serve.app", "serve the optimizer over HTTP (Ray Serve)"),
+    "eval": ("vpo_ray.eval.run", "evaluate prompt sources on text and video; write tables and an HTML report"),
+    "bench": ("vpo_ray.bench.cli", "throughput benchmarks: video-sampling, llm-stages, train-step"),
+    "bundle": ("vpo_ray.bundle", "build an offline wheel bundle for air-gapped GPU nodes"),
+    "models": ("vpo_ray.models.cli", "list presets, build the tiny preset, check model ids"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vpo", description="VPO prompt optimization for text-to-video, on Ray.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith("vpo_ray"):
+                p.set_defaults(_missing=module)
+                continue
+            raise
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    if getattr(args, "_missing", None):
+        print(f"vpo {args.command}: not available in this build ({args._missing} missing)", file=sys.stderr)
+        return 2
+    from vpo_ray.config import ConfigError
+    try:
+        return int(args._run(args) or 0)
+    except ConfigError as e:
+        print(f"vpo {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vpo {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Starting or joining Ray, the same way for every job (local default, cluster via address)."""
+from __future__ import annotations
+
+import logging
+import os
+
+from vpo_ray.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(cfg: RayConfig = RayConfig()):
+    """Join `cfg.address` or $RAY_ADDRESS if set, otherwise start a local instance.
+
+    Idempotent: inside a Ray job or a test session that already called ray.init, this
+    reuses that instance. The package itself travels to workers via the runtime env's
+    working_dir when submitted with `ray job submit`; locally it is installed.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    kwargs = dict(log_to_driver=cfg.log_to_driver, ignore_reinit_error=True)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False, **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = os.environ.get("VPO_PROGRESS", "1") != "0"
+    return ray

@@ -1,0 +1,172 @@
+"""The records of vpo_ray, named once (ARCHITECTURE.md, "Records").
+
+Rows travel through Ray Data as flat dicts of arrow-friendly values. Nested values
+whose fields vary (flags, judge output, checklist answers, scores) travel as JSON
+strings in columns ending in `_json`, so blocks never disagree on an inferred arrow
+type; `decode_row` turns them back into Python objects. Training sets (SFT, DPO) use
+TRL's conversational columns (`messages`, `prompt`/`chosen`/`rejected`) unencoded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+# Stage names, as they appear in errors.jsonl and summary.json.
+STAGES = ("ingest", "rewrite", "critique", "refine", "render", "video_judge", "pairs", "train", "serve")
+
+
+def normalise_text(text: str) -> str:
+    """Form used for ids and exact dedup: NFKC, lower case, single spaces, no edge punctuation."""
+    t = unicodedata.normalize("NFKC", text).lower()
+    t = re.sub(r"\s+", " ", t).strip()
+    return t.strip(" .,;:!?\"'")
+
+
+def query_id(text: str) -> str:
+    """Stable id of a query: sha1 of its normalised cleaned text (16 hex chars)."""
+    return hashlib.sha1(normalise_text(text).encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass
+class Flags:
+    """Midjourney/Pika-style options parsed out of a raw query."""
+    aspect_ratio: Optional[str] = None  # "16:9"
+    negative_prompt: Optional[str] = None
+    camera: Optional[str] = None  # "zoom in", "pan left"
+    motion: Optional[int] = None
+    seed: Optional[int] = None
+    fps: Optional[int] = None
+    guidance: Optional[float] = None
+    extra: dict = field(default_factory=dict)  # unknown -flags kept verbatim
+
+    def to_json(self) -> str:
+        return json.dumps({k: v for k, v in asdict(self).items() if v not in (None, {})}, ensure_ascii=False, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | None) -> "Flags":
+        return cls(**json.loads(text)) if text else cls()
+
+
+@dataclass
+class Query:
+    query_id: str
+    query: str  # as given
+    text: str  # cleaned, flags removed
+    flags_json: str = "{}"
+    source_row: int = -1  # row number in the input file, for error messages
+
+    def to_row(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Judgement:
+    verdict: bool  # True = passes all three principles
+    confidence: float  # P(verdict) from the forced Yes/No choice, or 1.0 for parsed endpoint output
+    reasons: str  # the judge's step-by-step analysis
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False)
+
+
+@dataclass
+class Candidate:
+    query_id: str
+    sample_idx: int
+    prompt: str  # the optimizer's rewrite
+    judge_json: str = ""  # Judgement as JSON; "" before critique
+    refined: Optional[str] = None  # the judge's refinement of a rejected prompt
+
+    def to_row(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ChecklistAnswer:
+    id: str
+    answer: bool
+    p_yes: float
+
+
+@dataclass
+class Video:
+    query_id: str
+    sample_idx: int
+    seed: int
+    model: str
+    video_uri: str
+    frames: int
+    fps: int
+    prompt: str = ""
+    checklist_json: str = "[]"  # list[ChecklistAnswer] as JSON
+    score: float = 0.0
+
+    def to_row(self) -> dict:
+        return asdict(self)
+
+
+def error_row(query_id: str, stage: str, reason: str, detail: str = "") -> dict:
+    """An input id that did not make it, and why. `reason` is short and groupable."""
+    assert stage in STAGES, stage
+    return {"query_id": query_id, "stage": stage, "reason": reason, "error": detail or reason}
+
+
+def sft_row(query_id: str, system: str, user: str, assistant: str) -> dict:
+    return {
+        "query_id": query_id,
+        "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": assistant},
+        ],
+    }
+
+
+def dpo_row(query_id: str, system: str, user: str, chosen: str, rejected: str, source: str,
+            scores: Optional[dict] = None) -> dict:
+    assert source in ("text", "video"), source
+    return {
+        "query_id": query_id,
+        "prompt": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+        "source": source,
+        "scores_json": json.dumps(scores or {}, sort_keys=True),
+    }
+
+
+SFT_COLUMNS = ("query_id", "messages")
+DPO_COLUMNS = ("query_id", "prompt", "chosen", "rejected", "source", "scores_json")
+ERROR_COLUMNS = ("query_id", "stage", "reason", "error")
+
+
+def decode_row(row: dict) -> dict:
+    """Replace every `x_json` column by `x` holding the decoded value."""
+    out = {}
+    for k, v in row.items():
+        if k.endswith("_json") and isinstance(v, str):
+            out[k[:-5]] = json.loads(v) if v else None
+        else:
+            out[k] = v
+    return out
+
+
+def validate_columns(row: dict, required: tuple[str, ...], where: str) -> None:
+    missing = [c for c in required if c not in row]
+    if missing:
+        raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
+
+
+def as_jsonable(value: Any) -> Any:
+    """numpy/arrow values -> plain Python for json.dumps."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: as_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [as_jsonable(v) for v in value]
+    return value

@@ -1,0 +1,154 @@
+"""One URI abstraction for every artifact: local paths, NFS, and s3/gs/... via fsspec.
+
+Writes are atomic (temp file, then rename; on object stores a single PUT), so a
+crash never leaves a partial file that a rerun would mistake for a complete one.
+`safe_join` keeps every output inside its run root (no path traversal).
+"""
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import tempfile
+import uuid
+from typing import Any, Iterable, Iterator
+
+import fsspec
+
+
+class StorageError(OSError):
+    """An artifact could not be read or written; the message names the URI."""
+
+
+def is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def _local(uri: str) -> str:
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
+def fs_for(uri: str) -> tuple[Any, str]:
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path
+
+
+def join(root: str, *parts: str) -> str:
+    if is_local(root):
+        return os.path.join(_local(root), *parts)
+    return posixpath.join(root, *parts)
+
+
+def safe_join(root: str, *parts: str) -> str:
+    """join() that refuses names escaping `root` ('..', absolute parts, NUL)."""
+    for p in parts:
+        if not p or "\x00" in p or p.startswith(("/", "\\")) or ".." in p.replace("\\", "/").split("/"):
+            raise StorageError(f"unsafe path component {p!r} under {root}")
+    return join(root, *parts)
+
+
+def makedirs(uri: str) -> None:
+    try:
+        if is_local(uri):
+            os.makedirs(_local(uri), exist_ok=True)
+        else:
+            fs, path = fs_for(uri)
+            fs.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise StorageError(f"cannot create directory {uri}: {e.strerror or e}") from e
+
+
+def exists(uri: str) -> bool:
+    if is_local(uri):
+        return os.path.exists(_local(uri))
+    fs, path = fs_for(uri)
+    return fs.exists(path)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Atomic write: readers see the old file or the whole new one, never a part."""
+    try:
+        if is_local(uri):
+            path = _local(uri)
+            d = os.path.dirname(path) or "."
+            os.makedirs(d, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+        else:
+            fs, path = fs_for(uri)
+            with fs.open(path, "wb") as f:
+                f.write(data)
+    except OSError as e:
+        raise StorageError(f"cannot write {uri}: {e.strerror or e}") from e
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_text(uri, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def read_bytes(uri: str) -> bytes:
+    try:
+        if is_local(uri):
+            with open(_local(uri), "rb") as f:
+                return f.read()
+        fs, path = fs_for(uri)
+        with fs.open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise StorageError(f"not found: {uri}") from None
+    except OSError as e:
+        raise StorageError(f"cannot read {uri}: {e.strerror or e}") from e
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_text(uri))
+
+
+def write_jsonl(uri: str, rows: Iterable[dict]) -> int:
+    lines = [json.dumps(r, ensure_ascii=False, default=str) for r in rows]
+    write_text(uri, "\n".join(lines) + ("\n" if lines else ""))
+    return len(lines)
+
+
+def read_jsonl(uri: str) -> Iterator[dict]:
+    if not exists(uri):
+        return iter(())
+    return (json.loads(line) for line in read_text(uri).splitlines() if line.strip())
+
+
+def listdir(uri: str) -> list[str]:
+    if is_local(uri):
+        p = _local(uri)
+        return sorted(os.listdir(p)) if os.path.isdir(p) else []
+    fs, path = fs_for(uri)
+    if not fs.exists(path):
+        return []
+    return sorted(posixpath.basename(x.rstrip("/")) for x in fs.ls(path, detail=False))
+
+
+def unique_name(prefix: str, suffix: str = "") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}{suffix}"
+
+
+def local_path(uri: str) -> str:
+    """A local filesystem path for `uri`; remote URIs raise (callers copy first)."""
+    if not is_local(uri):
+        raise StorageError(f"{uri} is not a local path")
+    return _local(uri)
