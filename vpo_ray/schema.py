@@ -144,6 +144,19 @@ DPO_COLUMNS = ("query_id", "prompt", "chosen", "rejected", "source", "scores_jso
 ERROR_COLUMNS = ("query_id", "stage", "reason", "error")
 
 
+def arrow_schema(kind: str):
+    """Arrow schema of the SFT or DPO set (explicit, so an empty set still has columns)."""
+    import pyarrow as pa
+
+    msgs = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    if kind == "sft":
+        return pa.schema([("query_id", pa.string()), ("messages", msgs)])
+    if kind == "dpo":
+        return pa.schema([("query_id", pa.string()), ("prompt", msgs), ("chosen", msgs), ("rejected", msgs),
+                          ("source", pa.string()), ("scores_json", pa.string())])
+    raise ValueError(f"no arrow schema for {kind!r}")
+
+
 def decode_row(row: dict) -> dict:
     """Replace every `x_json` column by `x` holding the decoded value."""
     out = {}

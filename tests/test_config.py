@@ -1,0 +1,83 @@
+"""Typed configs: YAML + key=value overrides; every mistake names its key."""
+import pytest
+
+from vpo_ray.config import (ConfigError, GenerateConfig, ServeConfig, TrainConfig, load_config, parse_override,
+                            replace)
+
+
+def test_defaults_follow_the_paper():
+    t = load_config(TrainConfig)
+    assert t.per_device_batch_size == 2 and t.beta == 0.1 and t.warmup_ratio == 0.1
+    assert load_config(ServeConfig).host == "127.0.0.1"
+
+
+def test_yaml_then_overrides(tmp_path):
+    f = tmp_path / "g.yaml"
+    f.write_text("num_samples: 3\nvideo:\n  num_frames: 9\n  fps: 4\nsampling: {temperature: 0.5}\n")
+    cfg = load_config(GenerateConfig, f, ["video.fps=12", "sampling.top_p=0.8", "queries=q.json"])
+    assert cfg.num_samples == 3 and cfg.video.num_frames == 9 and cfg.video.fps == 12
+    assert cfg.sampling.temperature == 0.5 and cfg.sampling.top_p == 0.8 and cfg.queries == "q.json"
+    with pytest.raises(Exception):
+        cfg.num_samples = 4  # frozen
+
+
+def test_int_is_accepted_for_float_but_not_the_reverse():
+    assert load_config(GenerateConfig, None, ["pair_margin=1"]).pair_margin == 1.0
+    with pytest.raises(ConfigError, match="num_samples"):
+        load_config(GenerateConfig, None, ["num_samples=2.5"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("num_sample=3", "num_sample"),
+    ("video.frames=3", "video.frames"),
+    ("video.num_frames=many", "video.num_frames"),
+    ("refine=maybe", "refine"),
+    ("sampling=3", "sampling"),
+    ("checklist=5", "checklist"),
+    ("ray.address=[1, 2]", "ray.address"),
+])
+def test_errors_name_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(GenerateConfig, None, [override])
+    assert key in str(e.value)
+
+
+def test_unknown_key_in_yaml_names_it(tmp_path):
+    f = tmp_path / "t.yaml"
+    f.write_text("method: dpo\nlearning_rat: 1e-6\n")
+    with pytest.raises(ConfigError, match="learning_rat"):
+        load_config(TrainConfig, f)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(TrainConfig, tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(TrainConfig, tmp_path / "list.yaml")
+    (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(TrainConfig, tmp_path / "bad.yaml")
+
+
+def test_override_syntax():
+    assert parse_override("a.b=1") == ("a.b", 1)
+    assert parse_override("x=") == ("x", "")
+    assert parse_override("s=hello world") == ("s", "hello world")
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("novalue")
+
+
+def test_checklist_from_yaml(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("checklist:\n  - {id: a, question: 'Q {query}?', weight: 2}\n")
+    cfg = load_config(GenerateConfig, f)
+    assert len(cfg.checklist) == 1 and cfg.checklist[0].weight == 2.0
+    with pytest.raises(ConfigError, match=r"checklist\[0\]\.wieght"):
+        f.write_text("checklist:\n  - {id: a, question: q, wieght: 2}\n")
+        load_config(GenerateConfig, f)
+
+
+def test_replace_dotted():
+    cfg = replace(load_config(GenerateConfig), **{"video.fps": 3, "num_samples": 5})
+    assert cfg.video.fps == 3 and cfg.num_samples == 5

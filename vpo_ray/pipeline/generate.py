@@ -1,0 +1,439 @@
+"""`vpo generate sft|dpo`: raw queries -> the SFT set or the DPO set, streamed on Ray Data.
+
+    ingest (driver) -> rewrite (optimizer pool) -> critique+refine (judge pool)
+      sft: -> per query: passing prompt, else refined one          -> sft.{parquet,jsonl}
+      dpo: -> explode passing prompts x seeds -> render (T2V pool) -> video judge pool
+           -> per query: text pair (rejected vs refined), else video pair -> dpo.{parquet,jsonl}
+
+Rows stay per query until the DPO explode, so a query's K candidates are judged
+together. The driver consumes the stream, finalises a query once all its rows have
+arrived, and appends finished queries to `parts/` in atomic files: a rerun (or a
+crashed driver) skips every query id already there. Every input query id ends in
+exactly one of: the output set, duplicates.jsonl, errors.jsonl.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import time
+from typing import Any, Iterable, Optional
+
+import numpy as np
+
+from vpo_ray import prompts, storage
+from vpo_ray.config import GenerateConfig, load_config, to_dict
+from vpo_ray.schema import Flags, dpo_row, error_row, sft_row
+
+log = logging.getLogger("vpo.generate")
+
+FLUSH_EVERY_S = 5.0  # a crash loses at most this much finished work
+
+
+# ---------------------------------------------------------------------------- small helpers
+
+def _placement(stage) -> dict:
+    import ray.data
+
+    return dict(compute=ray.data.ActorPoolStrategy(min_size=stage.min_actors, max_size=stage.max_actors),
+                num_gpus=stage.num_gpus or None, num_cpus=stage.num_cpus, batch_size=stage.batch_size)
+
+
+def resolve_models(cfg: GenerateConfig) -> dict[str, str]:
+    """Model paths per role, resolved on the driver (the tiny preset builds here, once)."""
+    from vpo_ray.models.registry import get_spec, model_path
+
+    roles = {"optimizer": cfg.optimizer or model_path(get_spec(cfg.preset, "optimizer")),
+             "judge": model_path(get_spec(cfg.preset, "judge"))}
+    if cfg.kind == "dpo":
+        roles["t2v"] = model_path(get_spec(cfg.preset, "t2v"))
+        roles["video_judge"] = model_path(get_spec(cfg.preset, "video_judge"))
+    return roles
+
+
+def _completed(out: str) -> dict[str, dict]:
+    """query_id -> finished record, from every part written so far."""
+    done: dict[str, dict] = {}
+    parts = storage.join(out, "parts")
+    for name in storage.listdir(parts):
+        if not name.endswith(".jsonl") or name.startswith("."):
+            continue
+        for rec in storage.read_jsonl(storage.join(parts, name)):
+            done.setdefault(rec["query_id"], rec)
+    return done
+
+
+class _PartWriter:
+    """Buffers finished query records; writes them as one atomic part file per flush."""
+
+    def __init__(self, out: str):
+        self.dir = storage.join(out, "parts")
+        storage.makedirs(self.dir)
+        self.buf: list[dict] = []
+        self.last = time.monotonic()
+        self.written = 0
+
+    def add(self, rec: dict) -> None:
+        self.buf.append(rec)
+        if time.monotonic() - self.last > FLUSH_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buf:
+            storage.write_jsonl(storage.join(self.dir, storage.unique_name(f"part-{int(time.time())}", ".jsonl")), self.buf)
+            self.written += len(self.buf)
+            self.buf = []
+        self.last = time.monotonic()
+
+
+# ---------------------------------------------------------------------------- per-query finalising
+
+def _best_passing(cands: list[dict]) -> Optional[dict]:
+    passing = [c for c in cands if c.get("judge") and c["judge"]["verdict"] and c["prompt"]]
+    return max(passing, key=lambda c: (c["judge"]["confidence"], -c["sample_idx"])) if passing else None
+
+
+def finalise_sft(q: dict, cands: list[dict]) -> dict:
+    msgs = prompts.optimizer_messages(q["text"])
+    best = _best_passing(cands)
+    target, how = (best["prompt"], "passing") if best else (None, None)
+    if target is None:
+        refined = [c for c in cands if c.get("refined")]
+        if refined:
+            target, how = refined[0]["refined"], "refined"
+    if target is None:
+        reason = "no candidate passed the judge and none was refined"
+        return {"query_id": q["query_id"], "error": error_row(q["query_id"], "refine", reason)}
+    row = sft_row(q["query_id"], msgs[0]["content"], msgs[1]["content"], target)
+    return {"query_id": q["query_id"], "rows": [row], "how": how}
+
+
+def text_pair(cands: list[dict]) -> Optional[dict]:
+    """VPO text-level pair: a rejected sample (rejected) and its refinement (chosen)."""
+    for c in sorted(cands, key=lambda c: c["sample_idx"]):
+        if c.get("judge") and not c["judge"]["verdict"] and c.get("refined") and c["refined"] != c["prompt"]:
+            return {"chosen": c["refined"], "rejected": c["prompt"], "source": "text",
+                    "scores": {"judge_confidence_rejected": c["judge"]["confidence"]}}
+    return None
+
+
+def video_pair(videos: list[dict], margin: float) -> Optional[dict]:
+    """VPO video-level pair: i over j when i Pareto-dominates j on the checklist and
+    score(i) - score(j) > margin; the widest such gap wins, one pair per query."""
+    from vpo_ray.data.pairs import dominates
+
+    ok = [v for v in videos if not v.get("error") and v.get("checklist")]
+    best = None
+    for a in ok:
+        for b in ok:
+            if a["prompt"] == b["prompt"]:
+                continue
+            gap = a["score"] - b["score"]
+            if gap > margin and dominates([x["answer"] for x in a["checklist"]], [x["answer"] for x in b["checklist"]]):
+                key = (gap, -a["sample_idx"], -b["sample_idx"])
+                if best is None or key > best[0]:
+                    best = (key, a, b)
+    if best is None:
+        return None
+    _, a, b = best
+    return {"chosen": a["prompt"], "rejected": b["prompt"], "source": "video",
+            "scores": {"chosen": a["score"], "rejected": b["score"],
+                       "chosen_video": a["video_uri"], "rejected_video": b["video_uri"]}}
+
+
+def finalise_dpo(q: dict, cands: list[dict], videos: list[dict], cfg: GenerateConfig) -> dict:
+    msgs = prompts.optimizer_messages(q["text"])
+    pairs = [p for p in (text_pair(cands), video_pair(videos, cfg.pair_margin)) if p]
+    pairs = pairs[: cfg.max_pairs_per_query]  # text first, as in VPO
+    if not pairs:
+        rendered = [v for v in videos if v.get("video_uri") and not v.get("error")]
+        stage = "render" if videos and not rendered else "pairs"
+        reason = ("no video could be rendered" if stage == "render" else
+                  f"no preference pair ({len(rendered)} videos, no refinement of a rejected sample)")
+        return {"query_id": q["query_id"], "error": error_row(q["query_id"], stage, reason)}
+    rows = [dpo_row(q["query_id"], msgs[0]["content"], msgs[1]["content"], p["chosen"], p["rejected"],
+                    p["source"], p["scores"]) for p in pairs]
+    return {"query_id": q["query_id"], "rows": rows, "how": pairs[0]["source"]}
+
+
+# ---------------------------------------------------------------------------- the Ray Data flow
+
+def explode_for_render(row: dict, seeds_per_prompt: int, seed: int, model: str) -> list[dict]:
+    """One row per (passing prompt, seed); a query with none keeps one marker row."""
+    base = {k: row[k] for k in ("query_id", "text", "flags_json", "candidates_json", "error", "error_stage")}
+    if row["error"]:
+        return [dict(base, n_rows=1, sample_idx=-1, prompt="", seed=0, negative_prompt="", aspect_ratio="")]
+    flags = Flags.from_json(row["flags_json"])
+    cands = json.loads(row["candidates_json"])
+    passing = [c for c in cands if c.get("judge") and c["judge"]["verdict"] and c["prompt"]]
+    jobs = []
+    for c in passing:
+        for s in range(seeds_per_prompt):
+            # The user's -seed flag fixes the first seed, as a T2V service would.
+            video_seed = (flags.seed + s) if flags.seed is not None else (seed * 1000 + s)
+            jobs.append(dict(base, sample_idx=c["sample_idx"], prompt=c["prompt"], seed=int(video_seed),
+                             negative_prompt=flags.negative_prompt or "", aspect_ratio=flags.aspect_ratio or ""))
+    if not jobs:
+        return [dict(base, n_rows=1, sample_idx=-1, prompt="", seed=0, negative_prompt="", aspect_ratio="")]
+    return [dict(j, n_rows=len(jobs)) for j in jobs]
+
+
+class RenderStage:
+    """Wraps the T2V renderer: renders rows that carry a prompt, passes the rest through."""
+
+    def __init__(self, **kwargs):
+        from vpo_ray.pipeline.t2v import T2VRenderer
+
+        self.inner = T2VRenderer(**kwargs)
+
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["query_id"])
+        todo = [i for i in range(n) if not batch["error"][i] and batch["prompt"][i]]
+        out = {k: list(v) for k, v in batch.items()}
+        for col in ("video_uri", "model", "frames", "fps"):
+            out.setdefault(col, [""] * n if col in ("video_uri", "model") else [0] * n)
+        if todo:
+            sub = {k: np.asarray([batch[k][i] for i in todo], dtype=object if batch[k].dtype == object else None)
+                   for k in ("query_id", "sample_idx", "prompt", "negative_prompt", "seed", "aspect_ratio")}
+            res = self.inner(sub)
+            for pos, i in enumerate(todo):
+                for col in ("video_uri", "model", "frames", "fps"):
+                    out[col][i] = res[col][pos]
+                if res["error"][pos]:
+                    out["render_error"] = out.get("render_error", [""] * n)
+                    out["render_error"][i] = f"render: {res['error'][pos]}"
+        out.setdefault("render_error", [""] * n)
+        return {k: np.asarray(v, dtype=object) if k in ("video_uri", "model", "render_error") else np.asarray(v)
+                for k, v in out.items()}
+
+
+def build_dataset(rows: list[dict], cfg: GenerateConfig, models: dict[str, str]):
+    import ray.data
+    from vpo_ray.pipeline.llm import Critic, Rewriter
+    from vpo_ray.pipeline.video_judge import VideoJudge
+
+    n_blocks = max(1, min(len(rows), 64, len(rows) // max(1, cfg.rewrite_stage.batch_size)))
+    ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
+    ds = ds.map_batches(Rewriter, fn_constructor_kwargs=dict(
+        model=models["optimizer"], num_samples=cfg.num_samples, sampling=to_dict(cfg.sampling), seed=cfg.seed),
+        **_placement(cfg.rewrite_stage))
+    ds = ds.map_batches(Critic, fn_constructor_kwargs=dict(
+        model=models["judge"], sampling=to_dict(cfg.judge_sampling), endpoint=to_dict(cfg.judge_endpoint),
+        refine=cfg.refine, seed=cfg.seed), **_placement(cfg.judge_stage))
+    if cfg.kind == "sft":
+        return ds
+    ds = ds.flat_map(explode_for_render, fn_kwargs=dict(
+        seeds_per_prompt=cfg.video.seeds_per_prompt, seed=cfg.seed, model=models["t2v"]))
+    ds = ds.map_batches(RenderStage, fn_constructor_kwargs=dict(
+        model=models["t2v"], video=cfg.video, out_root=cfg.out), **_placement(cfg.t2v_stage))
+    ds = ds.map_batches(_move_render_error, batch_format="numpy")
+    ds = ds.map_batches(VideoJudge, fn_constructor_kwargs=dict(
+        model=models["video_judge"], checklist=[to_dict(c) for c in cfg.checklist],
+        num_frames=cfg.video.judge_frames), **_placement(cfg.video_judge_stage))
+    return ds
+
+
+def _move_render_error(batch: dict) -> dict:
+    """A failed render marks the video row (not the query) as failed."""
+    batch = dict(batch)
+    batch["video_error"] = batch.pop("render_error")
+    return batch
+
+
+# ---------------------------------------------------------------------------- the job
+
+def _record_from_rows(qrows: list[dict], qinfo: dict, cfg: GenerateConfig) -> dict:
+    first = qrows[0]
+    if first["error"]:
+        stage = first["error_stage"] or "rewrite"
+        return {"query_id": qinfo["query_id"], "error": error_row(qinfo["query_id"], stage, str(first["error"]).split(":")[-1].strip() or "failed", str(first["error"]))}
+    cands = json.loads(first["candidates_json"])
+    if cfg.kind == "sft":
+        rec = finalise_sft(qinfo, cands)
+    else:
+        videos = []
+        for r in qrows:
+            if r.get("sample_idx", -1) < 0:
+                continue
+            v = {k: r.get(k) for k in ("sample_idx", "seed", "prompt", "video_uri", "model", "frames", "fps", "score")}
+            v["checklist"] = json.loads(r.get("checklist_json") or "[]")
+            v["error"] = r.get("video_error") or ""
+            videos.append(v)
+        rec = finalise_dpo(qinfo, cands, videos, cfg)
+        rec["videos"] = videos
+    rec["candidates"] = cands
+    return rec
+
+
+def _to_py(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def stream_and_finalise(ds, queries: dict[str, dict], cfg: GenerateConfig, writer: _PartWriter) -> dict:
+    pending: dict[str, list[dict]] = collections.defaultdict(list)
+    t0 = time.monotonic()
+    finished = 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        n = len(batch["query_id"])
+        for i in range(n):
+            row = {k: _to_py(v[i]) for k, v in batch.items()}
+            qid = row["query_id"]
+            pending[qid].append(row)
+            if len(pending[qid]) >= int(row.get("n_rows", 1)):
+                writer.add(_record_from_rows(pending.pop(qid), queries[qid], cfg))
+                finished += 1
+        rate = finished / max(time.monotonic() - t0, 1e-9)
+        log.info("finalised %d/%d queries (%.2f/s)", finished, len(queries), rate)
+    writer.flush()
+    lost = sorted(pending)
+    if lost:  # incomplete groups would mean a pipeline bug; record rather than drop
+        for qid in lost:
+            writer.add({"query_id": qid, "error": error_row(qid, "pairs", "incomplete row group")})
+        writer.flush()
+    return {"finished": finished, "seconds": time.monotonic() - t0}
+
+
+def _write_set(out: str, name: str, rows: list[dict], fmt: str) -> str:
+    """Write a training set atomically as parquet or jsonl; returns its URI."""
+    if fmt == "jsonl":
+        uri = storage.join(out, f"{name}.jsonl")
+        storage.write_jsonl(uri, rows)
+        return uri
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from vpo_ray.schema import arrow_schema
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=arrow_schema(name)), buf)
+    uri = storage.join(out, f"{name}.parquet")
+    storage.write_bytes(uri, buf.getvalue())
+    return uri
+
+
+def run_generate(cfg: GenerateConfig) -> dict:
+    """Run the whole job; returns (and writes) the summary."""
+    from vpo_ray.data.ingest import ingest
+
+    if cfg.kind not in ("sft", "dpo"):
+        from vpo_ray.config import ConfigError
+        raise ConfigError(f"kind: expected 'sft' or 'dpo', got {cfg.kind!r}")
+    t_start = time.monotonic()
+    out = cfg.out
+    storage.makedirs(out)
+    storage.write_json(storage.join(out, "config.json"), to_dict(cfg))
+
+    t = time.monotonic()
+    ing = ingest(cfg.queries, cfg.query_column, cfg.max_query_chars, cfg.near_dup_threshold, cfg.seed, cfg.limit)
+    ingest_s = time.monotonic() - t
+    storage.write_jsonl(storage.join(out, "duplicates.jsonl"), ing.duplicates)
+    queries = {q["query_id"]: q for q in ing.queries}
+
+    done = _completed(out)
+    todo = [q for qid, q in queries.items() if qid not in done]
+    log.info("%d queries: %d done in earlier runs, %d to process", len(queries), len(queries) - len(todo), len(todo))
+    stream = {"finished": 0, "seconds": 0.0}
+    if todo:
+        from vpo_ray.ray_utils import init_ray
+
+        models = resolve_models(cfg)
+        init_ray(cfg.ray)
+        rows = [dict(q, error="", error_stage="") for q in todo]
+        writer = _PartWriter(out)
+        stream = stream_and_finalise(build_dataset(rows, cfg, models), {q["query_id"]: q for q in todo}, cfg, writer)
+        done = _completed(out)
+
+    return _consolidate(cfg, ing, done, queries, ingest_s, stream, time.monotonic() - t_start)
+
+
+def _consolidate(cfg, ing, done: dict, queries: dict, ingest_s: float, stream: dict, wall_s: float) -> dict:
+    out = cfg.out
+    recs = [done[qid] for qid in queries if qid in done]
+    rows = [r for rec in recs for r in rec.get("rows", [])]
+    if cfg.kind == "dpo":  # text pairs first, as the DPO set is defined
+        rows.sort(key=lambda r: r["source"] != "text")
+    errors = list(ing.errors) + [rec["error"] for rec in recs if "error" in rec]
+    set_uri = _write_set(out, cfg.kind, rows, cfg.output_format)
+    storage.write_jsonl(storage.join(out, "errors.jsonl"), errors)
+    storage.write_jsonl(storage.join(out, "candidates.jsonl"),
+                        ({"query_id": rec["query_id"], "candidates": rec.get("candidates", [])} for rec in recs))
+    videos = [dict(v, query_id=rec["query_id"]) for rec in recs for v in rec.get("videos", [])]
+    if cfg.kind == "dpo":
+        storage.write_jsonl(storage.join(out, "videos.jsonl"), videos)
+
+    by_reason = collections.Counter(f"{e['stage']}: {e['reason']}" for e in errors)
+    by_stage = collections.Counter(e["stage"] for e in errors)
+    cands = [c for rec in recs for c in rec.get("candidates", [])]
+    judged = [c for c in cands if c.get("judge")]
+    n_in = ing.input_count
+    n_ok = sum(1 for rec in recs if "rows" in rec)
+    rendered = [v for v in videos if v.get("video_uri") and not v.get("error")]
+    summary = {
+        "kind": cfg.kind,
+        "input_queries": n_in,
+        "output_rows": len(rows),
+        "output_queries": n_ok,
+        "duplicates": len(ing.duplicates),
+        "errors": len(errors),
+        "accounted": n_ok + len(ing.duplicates) + len(errors) == n_in,
+        "processed_this_run": stream["finished"],
+        "resumed_from_earlier_runs": len(recs) - stream["finished"],
+        "stages": {
+            "ingest": {"rows_in": n_in, "rows_out": len(ing.queries), "errors": by_stage.get("ingest", 0),
+                       "duplicates": len(ing.duplicates), "seconds": round(ingest_s, 3)},
+            "rewrite": {"rows_in": len(ing.queries), "candidates_out": len(cands),
+                        "errors": by_stage.get("rewrite", 0)},
+            "critique": {"rows_in": len(cands), "judged": len(judged),
+                         "passed": sum(1 for c in judged if c["judge"]["verdict"]),
+                         "errors": by_stage.get("critique", 0)},
+            "refine": {"rows_in": sum(1 for c in judged if not c["judge"]["verdict"]),
+                       "refined": sum(1 for c in cands if c.get("refined")), "errors": by_stage.get("refine", 0)},
+        },
+        "errors_by_reason": dict(by_reason.most_common()),
+        "pipeline_seconds": round(stream["seconds"], 3),
+        "wall_seconds": round(wall_s, 3),
+        "output": set_uri,
+    }
+    if cfg.kind == "dpo":
+        summary["stages"]["render"] = {"rows_in": len(videos), "videos": len(rendered),
+                                       "errors": sum(1 for v in videos if v.get("error")) + by_stage.get("render", 0),
+                                       "videos_per_s": round(len(rendered) / stream["seconds"], 4) if stream["seconds"] else None}
+        summary["stages"]["video_judge"] = {"rows_in": len(rendered), "judged": sum(1 for v in rendered if v["checklist"]),
+                                            "errors": by_stage.get("video_judge", 0)}
+        summary["stages"]["pairs"] = {"text_pairs": sum(1 for r in rows if r["source"] == "text"),
+                                      "video_pairs": sum(1 for r in rows if r["source"] == "video"),
+                                      "no_pair": by_stage.get("pairs", 0)}
+    else:
+        summary["stages"]["sft"] = {"rows_out": len(rows),
+                                    "from_passing": sum(1 for rec in recs if rec.get("how") == "passing"),
+                                    "from_refined": sum(1 for rec in recs if rec.get("how") == "refined")}
+    storage.write_json(storage.join(out, "summary.json"), summary)
+    return summary
+
+
+# ---------------------------------------------------------------------------- CLI
+
+def add_arguments(p) -> None:
+    p.add_argument("kind", choices=["sft", "dpo"], help="which training set to build")
+    p.add_argument("--queries", help="query file (json/jsonl/parquet/csv) or hf://dataset[:split]")
+    p.add_argument("--out", help="output directory or URI")
+    p.add_argument("--preset", help="model preset (tiny, paper, qwen)")
+    p.add_argument("--optimizer", help="model that samples candidates (default: the preset's)")
+    p.add_argument("--config", help="YAML config (GenerateConfig)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. num_samples=4 video.num_frames=9")
+
+
+def run(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cfg = load_config(GenerateConfig, args.config, args.overrides, kind=args.kind, queries=args.queries,
+                      out=args.out, preset=args.preset, optimizer=args.optimizer)
+    if not cfg.queries:
+        from vpo_ray.config import ConfigError
+        raise ConfigError("queries: no query file given (--queries PATH or queries=PATH)")
+    summary = run_generate(cfg)
+    print(json.dumps({k: summary[k] for k in ("input_queries", "output_rows", "duplicates", "errors", "accounted",
+                                              "wall_seconds", "output")}, indent=2))
+    return 0 if summary["accounted"] else 1
