@@ -41,7 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may follow options (`--out D a=1`): argparse would reject
+    # positionals after optionals, so stray key=value words join `args.overrides`.
+    args, extra = parser.parse_known_args(argv)
+    bad = [w for w in extra if "=" not in w or w.startswith("-")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        if not hasattr(args, "overrides"):
+            parser.error(f"vpo {args.command} takes no key=value overrides: {' '.join(extra)}")
+        args.overrides = list(args.overrides or []) + extra
     if not args.command:
         parser.print_help()
         return 2

@@ -112,7 +112,9 @@ class GenerateConfig:
     max_pairs_per_query: int = 1
     output_format: str = "parquet"  # parquet | jsonl
     sampling: SamplingConfig = SamplingConfig()
-    judge_sampling: SamplingConfig = SamplingConfig(max_new_tokens=256, temperature=0.0)
+    # The paper's judge (GPT-4o) ran at temperature 0.7; the local judge samples its
+    # Yes/No verdict at this temperature too (0 = always the likelier verdict).
+    judge_sampling: SamplingConfig = SamplingConfig(max_new_tokens=256, temperature=0.7)
     judge_endpoint: JudgeEndpointConfig = JudgeEndpointConfig()
     video: VideoConfig = VideoConfig()
     checklist: tuple[ChecklistItem, ...] = DEFAULT_CHECKLIST
@@ -128,16 +130,18 @@ class GenerateConfig:
 class TrainConfig:
     """SFT (`method=sft`) or DPO (`method=dpo`) with TRL + DeepSpeed on Ray Train."""
     method: str = "sft"  # sft | dpo
-    data: str = ""  # parquet/jsonl written by `vpo generate`
-    out: str = "runs/train"
+    data: str = ""  # parquet/jsonl file or a directory written by `vpo generate`
+    out: str = "runs/train"  # local dir or URI; model/, metrics.jsonl, loss.png, ray_results/ go here
     preset: str = "tiny"
     model: Optional[str] = None  # base model path/id; None = preset's optimizer
     ref_model: Optional[str] = None  # DPO reference; None = a frozen copy of `model`
     num_workers: int = 2
+    cpus_per_worker: float = 1.0  # Ray resources each training worker reserves
     use_gpu: bool = False
-    deepspeed_stage: int = 2  # 0 = no DeepSpeed, 2 or 3 = ZeRO stage
+    deepspeed_stage: int = 2  # 0 = no DeepSpeed (plain DDP), 2 or 3 = ZeRO stage
+    deepspeed_config: Optional[str] = None  # a DeepSpeed JSON to use instead of the shipped zero2/zero3.json
     offload: bool = False  # ZeRO-Offload of optimizer (and params at stage 3) to CPU
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (mixed precision; master weights stay fp32)
     learning_rate: Optional[float] = None  # None = the paper's: SFT 2e-6, DPO 5e-7
     epochs: Optional[float] = None  # None = the paper's: SFT 5, DPO 1
     max_steps: int = -1  # >0 overrides epochs
@@ -145,71 +149,229 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     warmup_ratio: float = 0.1
     lr_scheduler: Optional[str] = None  # None = SFT constant_with_warmup, DPO linear
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
     beta: float = 0.1  # DPO temperature
-    max_length: int = 512
-    lora: bool = False
+    max_length: int = 512  # tokens of a whole row (prompt + completion); longer rows are a data error
+    lora: bool = False  # train a LoRA adapter instead of all weights; the export is merged
     lora_r: int = 16
     lora_alpha: int = 32
-    save_steps: int = 50
+    lora_dropout: float = 0.05
+    lora_targets: str = "all-linear"  # peft target_modules: "all-linear" or comma-separated module names
+    save_steps: int = 50  # checkpoint (to Ray storage) every N optimizer steps, and at the end
+    keep_checkpoints: int = 2  # Ray Train keeps this many latest checkpoints
     logging_steps: int = 1
     max_failures: int = 2  # worker deaths tolerated; each restart resumes from the last checkpoint
-    resume_from: Optional[str] = None  # checkpoint dir to resume from explicitly
-    gradient_checkpointing: bool = False
+    resume_from: Optional[str] = None  # checkpoint dir (Ray or HF layout, local or URI) to resume from
+    run_name: Optional[str] = None  # Ray Train run under out/ray_results; None = method. Same out+name resumes
+    storage_path: Optional[str] = None  # Ray Train storage (dir or URI); None = out/ray_results
+    gradient_checkpointing: bool = False  # TRL turns it on by default; off is faster for small models
+    fault_step: int = -1  # chaos drill: the last worker exits once at this step (marker file in out/)
     seed: int = 0
     ray: RayConfig = RayConfig()
+
+    def __post_init__(self) -> None:
+        if self.method not in ("sft", "dpo"):
+            raise ConfigError(f"method: expected sft or dpo, got {self.method!r}")
+        if self.deepspeed_stage not in (0, 2, 3):
+            raise ConfigError(f"deepspeed_stage: expected 0 (plain DDP), 2 or 3, got {self.deepspeed_stage}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"precision: expected fp32, bf16 or fp16, got {self.precision!r}")
+        if self.offload and self.deepspeed_stage == 0:
+            raise ConfigError("offload needs deepspeed_stage 2 or 3")
+        for key in ("num_workers", "per_device_batch_size", "gradient_accumulation_steps", "max_length",
+                    "save_steps", "logging_steps", "keep_checkpoints"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.max_failures < -1:
+            raise ConfigError(f"max_failures: expected -1 (unlimited) or >= 0, got {self.max_failures}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"warmup_ratio: expected 0 <= warmup_ratio < 1, got {self.warmup_ratio}")
 
 
 @dataclass(frozen=True)
 class AutoscalingConfig:
+    """Ray Serve autoscaling of the optimizer deployment (ray.serve.config.AutoscalingConfig)."""
     min_replicas: int = 1
     max_replicas: int = 2
-    target_ongoing_requests: float = 4.0
-    upscale_delay_s: float = 2.0
-    downscale_delay_s: float = 10.0
+    initial_replicas: Optional[int] = None  # None = min_replicas
+    target_ongoing_requests: float = 4.0  # queued + running requests per replica the autoscaler aims at
+    upscale_delay_s: float = 2.0  # load must stay high this long before a replica is added
+    downscale_delay_s: float = 10.0  # and low this long before one is removed
+    look_back_period_s: float = 10.0  # window the request metric is averaged over (Ray default 30)
+    metrics_interval_s: float = 2.0  # how often replicas/handles push the metric (Ray default 10)
+    upscaling_factor: Optional[float] = None  # gain on scale-up decisions; None = Ray's 1.0
+    downscaling_factor: Optional[float] = None
 
 
 @dataclass(frozen=True)
 class ServeConfig:
+    """`vpo serve`: the optimizer as an autoscaled Ray Serve application (vpo_ray/serve/app.py)."""
     model: Optional[str] = None  # exported optimizer dir; None = preset's optimizer
     preset: str = "tiny"
+    served_model_name: Optional[str] = None  # id shown in /v1/models and responses; None = from model/preset
+    model_version: Optional[str] = None  # None = fingerprint of the model files
+    dtype: Optional[str] = None  # float32 | bfloat16 | float16; None = bf16 on GPU, fp32 on CPU
+    app_name: str = "vpo"  # Serve application name (serve status / serve deploy)
     host: str = "127.0.0.1"  # never 0.0.0.0 unless asked
     port: int = 8000
     route_prefix: str = "/"
-    num_gpus: float = 0.0
-    num_cpus: float = 1.0
-    max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.02
-    max_ongoing_requests: int = 16  # beyond this a replica sheds load with 503
-    max_queued_requests: int = 64
+    num_gpus: float = 0.0  # per optimizer replica; >0 places replicas on GPUs (fractions share one)
+    num_cpus: float = 1.0  # per optimizer replica
+    torch_threads: Optional[int] = None  # intra-op threads per replica; None = max(1, num_cpus)
+    max_batch_size: int = 8  # sequences (sum of n over requests) in one generate call
+    batch_wait_timeout_s: float = 0.02  # how long a partial batch waits for company
+    max_ongoing_requests: int = 16  # requests one optimizer replica holds (>= max_batch_size to batch)
+    max_queued_requests: int = 64  # waiting for a replica beyond that; more gets 503 + Retry-After
+    retry_after_s: float = 1.0  # Retry-After sent with 503 when over capacity
+    request_timeout_s: float = 120.0  # end-to-end limit for one request; past it 504
+    ingress_replicas: int = 1  # FastAPI front (auth, validation, metrics); it holds no model
+    ingress_num_cpus: float = 0.1
+    ingress_max_ongoing_requests: int = 512
+    max_body_bytes: int = 65536  # request bodies above this get 413
     max_query_chars: int = 2000
-    max_n: int = 8
-    max_new_tokens: int = 256
-    auth_token_env: str = "VPO_SERVE_TOKEN"  # set this env var to require a bearer token
+    max_n: int = 8  # prompts per request; must be <= max_batch_size
+    max_new_tokens: int = 256  # per prompt; chat `max_tokens` may ask for less
+    temperature: float = 0.7  # default when a request gives none; 0 = greedy
+    max_temperature: float = 2.0
+    top_p: float = 0.95
+    optimizer_input: str = "text"  # text: the query with flags parsed out | query: as given
+    render: bool = False  # also serve POST /v1/render: optimize, then render an mp4 as an async job
+    t2v_model: Optional[str] = None  # registry name/preset or pipeline dir; None = the preset's t2v model
+    render_out: str = "runs/serve"  # jobs/<id>.json and videos/<id>.mp4 (local path or URI, shared by replicas)
+    render_replicas: int = 1
+    render_num_gpus: float = 0.0  # per render replica
+    render_num_cpus: float = 1.0
+    render_max_jobs: int = 8  # queued + running render jobs per ingress replica; more get 503
+    video: VideoConfig = VideoConfig()  # frames, size, steps of rendered videos
+    auth_token_env: str = "VPO_SERVE_TOKEN"  # set this env var to require a bearer token; "" = never
     autoscaling: AutoscalingConfig = AutoscalingConfig()
     ray: RayConfig = RayConfig()
+
+    def __post_init__(self) -> None:
+        if self.max_n < 1 or self.max_batch_size < 1:
+            raise ConfigError("max_n and max_batch_size must be >= 1")
+        if self.max_n > self.max_batch_size:
+            raise ConfigError(f"max_n ({self.max_n}) exceeds max_batch_size ({self.max_batch_size}): "
+                              "the n prompts of one request are generated in one batch")
+        if self.max_ongoing_requests < 1 or self.max_queued_requests < -1:
+            raise ConfigError("max_ongoing_requests must be >= 1 and max_queued_requests >= -1 (-1 = unbounded)")
+        if self.optimizer_input not in ("text", "query"):
+            raise ConfigError(f"optimizer_input: expected text or query, got {self.optimizer_input!r}")
+        if not 0.0 <= self.temperature <= self.max_temperature:
+            raise ConfigError(f"temperature ({self.temperature}) must lie in [0, max_temperature={self.max_temperature}]")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p: expected 0 < top_p <= 1, got {self.top_p}")
+        a = self.autoscaling
+        if not 0 <= a.min_replicas <= a.max_replicas or a.max_replicas < 1:
+            raise ConfigError(f"autoscaling: need 0 <= min_replicas ({a.min_replicas}) <= max_replicas ({a.max_replicas}), max >= 1")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    queries: str = ""  # path or hf id; "" = the built-in small set
+    """`vpo eval`: compare prompt sources on the judge's text verdicts and on judged videos."""
+    queries: str = ""  # "" = built-in small set; path, hf://name[:split], builtin:NAME, SUITE[:path-or-hf-id] (eval/suites.py)
+    query_column: Optional[str] = None  # None = the suite's text column, "query" for plain files
+    limit: Optional[int] = None  # take N queries (shuffled with seed, kept in file order)
     out: str = "runs/eval"
     preset: str = "tiny"
-    sources: tuple[str, ...] = ("original", "few_shot")  # plus model paths: name=path
-    video: VideoConfig = VideoConfig()
+    # Prompt sources, one row each in the table: original (the query itself), few_shot (the
+    # preset's optimizer LLM prompted with the few-shot examples), and trained optimizers as
+    # name=path (a model dir or a `vpo train` out dir), e.g. sft=runs/sft dpo1=runs/dpo1.
+    sources: tuple[str, ...] = ("original", "few_shot")
+    videos: bool = True  # False: text-level columns only (no T2V, no video judge)
+    sampling: SamplingConfig = SamplingConfig(temperature=0.0)  # optimizer decoding: greedy, one prompt per query
+    # The paper's judge (GPT-4o) ran at temperature 0.7; the local judge samples its
+    # Yes/No verdict at this temperature too (0 = always the likelier verdict).
+    judge_sampling: SamplingConfig = SamplingConfig(max_new_tokens=256, temperature=0.7)
+    judge_endpoint: JudgeEndpointConfig = JudgeEndpointConfig()  # base_url set = HTTP judge instead of the preset's
+    question_reasoning: bool = True  # unsafe/imprecise/refusal: reason first (as the main judge) or answer at once
+    refusal: str = "regex+judge"  # refusal detector: regex | judge | regex+judge (either one flags it)
+    video: VideoConfig = VideoConfig()  # seeds_per_prompt videos per prompt, same seeds for every source
     checklist: tuple[ChecklistItem, ...] = DEFAULT_CHECKLIST
-    bootstrap: int = 1000
-    seed: int = 0
+    bootstrap: int = 1000  # resamples (over queries) for every confidence interval; 0 = no intervals
+    ci: float = 0.95  # confidence level of the percentile bootstrap intervals
+    tie_tolerance: float = 1e-6  # video scores closer than this are a tie (half a win)
+    report_max_queries: Optional[int] = 200  # queries shown in report/index.html (videos copied); None = all
+    max_query_chars: int = 2000
+    near_dup_threshold: float = 0.85  # as in generate: near-duplicate test queries count once
+    rewrite_stage: StageConfig = StageConfig()  # one pool per LLM source (few_shot and each trained optimizer)
+    judge_stage: StageConfig = StageConfig()
+    t2v_stage: StageConfig = StageConfig(batch_size=1)
+    video_judge_stage: StageConfig = StageConfig(batch_size=4)
+    seed: int = 0  # optimizer/judge sampling seeds, video seeds (seed*1000+i unless the query has -seed) and bootstrap
     ray: RayConfig = RayConfig()
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ConfigError("sources: give at least one prompt source (original, few_shot, name=path)")
+        if self.refusal not in ("regex", "judge", "regex+judge"):
+            raise ConfigError(f"refusal: expected regex, judge or regex+judge, got {self.refusal!r}")
+        if self.bootstrap < 0:
+            raise ConfigError(f"bootstrap: must be >= 0, got {self.bootstrap}")
+        if not 0.0 < self.ci < 1.0:
+            raise ConfigError(f"ci: expected 0 < ci < 1, got {self.ci}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit: must be >= 1, got {self.limit}")
+        if self.report_max_queries is not None and self.report_max_queries < 0:
+            raise ConfigError(f"report_max_queries: must be >= 0 or null, got {self.report_max_queries}")
+        if self.video.seeds_per_prompt < 1:
+            raise ConfigError(f"video.seeds_per_prompt: must be >= 1, got {self.video.seeds_per_prompt}")
+
+
+@dataclass(frozen=True)
+class BenchVideoConfig:
+    """Overrides of the benchmarked model's generation defaults; None = its registry entry's value."""
+    num_frames: Optional[int] = None
+    height: Optional[int] = None
+    width: Optional[int] = None
+    num_inference_steps: Optional[int] = None
+    guidance_scale: Optional[float] = None
+    fps: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class BenchLLMConfig:
+    """`vpo bench llm-stages`: rewrite/judge generation, one prompt at a time vs left-padded batches."""
+    models: tuple[str, ...] = ("qwen2.5-1.5b-instruct", "llama3-8b-instruct")  # architectures, random weights
+    prompts: int = 16  # prompts per mode
+    batch_size: int = 8  # batched mode
+    prompt_tokens: tuple[int, ...] = (180, 420)  # uniform range of prompt lengths (template + query)
+    max_new_tokens: int = 128  # every sequence generates exactly this many (EOS ignored)
+
+
+@dataclass(frozen=True)
+class BenchTrainConfig:
+    """`vpo bench train-step`: SFT and DPO optimizer steps of the optimizer LLM."""
+    model: str = "qwen2.5-1.5b-instruct"  # architecture, random weights
+    seq_len: int = 512
+    batch_size: int = 4  # sequences per step (DPO: pairs)
+    steps: int = 5  # timed steps after warm-up
+    methods: tuple[str, ...] = ("sft", "dpo")
+    gradient_checkpointing: bool = False
 
 
 @dataclass(frozen=True)
 class BenchConfig:
     name: str = "video-sampling"  # video-sampling | llm-stages | train-step
-    preset: str = "tiny"
+    preset: str = "tiny"  # tiny, or a registry model name: its real architecture with random weights
     out: str = "runs/bench"
-    videos: int = 4
-    warmup: int = 1
-    video: VideoConfig = VideoConfig()
+    videos: int = 4  # timed videos per variant; steady state = the videos-1 gaps between completions
+    warmup: int = 1  # warm-up renders per variant (compile, autotuning), excluded from every figure
+    warmup_steps: int = 2  # denoising steps of a warm-up render (shapes, not step count, decide compiling)
+    device: Optional[str] = None  # None: cuda if available, else cpu
+    dtype: Optional[str] = None  # None: bfloat16 on GPU, float32 on CPU
+    video: BenchVideoConfig = BenchVideoConfig()
+    variants: tuple[str, ...] = ("baseline", "optimized", "ray", "cache", "memory")
+    baseline: tuple[str, ...] = ()  # flags of the naive path (vpo_ray.pipeline.t2v.OPTIMIZATIONS)
+    baseline_videos: int = 1  # the naive path is slow; one video gives its per-video and per-step time
+    optimizations: tuple[str, ...] = ("fuse-qkv", "attn=cudnn", "compile")  # exact (no step skipping)
+    caches: tuple[str, ...] = ("cache=taylorseer-lite:5",)  # each timed as optimizations + this flag
+    cache_videos: int = 2
+    memory_modes: tuple[str, ...] = ("vae-tiling", "offload=model,vae-tiling", "offload=sequential,vae-tiling")
+    memory_steps: int = 2  # peak memory does not depend on the step count
+    llm: BenchLLMConfig = BenchLLMConfig()
+    train: BenchTrainConfig = BenchTrainConfig()
     ray: RayConfig = RayConfig()
 
 

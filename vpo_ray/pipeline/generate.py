@@ -108,52 +108,26 @@ def finalise_sft(q: dict, cands: list[dict]) -> dict:
     return {"query_id": q["query_id"], "rows": [row], "how": how}
 
 
-def text_pair(cands: list[dict]) -> Optional[dict]:
-    """VPO text-level pair: a rejected sample (rejected) and its refinement (chosen)."""
-    for c in sorted(cands, key=lambda c: c["sample_idx"]):
-        if c.get("judge") and not c["judge"]["verdict"] and c.get("refined") and c["refined"] != c["prompt"]:
-            return {"chosen": c["refined"], "rejected": c["prompt"], "source": "text",
-                    "scores": {"judge_confidence_rejected": c["judge"]["confidence"]}}
-    return None
-
-
-def video_pair(videos: list[dict], margin: float) -> Optional[dict]:
-    """VPO video-level pair: i over j when i Pareto-dominates j on the checklist and
-    score(i) - score(j) > margin; the widest such gap wins, one pair per query."""
-    from vpo_ray.data.pairs import dominates
-
-    ok = [v for v in videos if not v.get("error") and v.get("checklist")]
-    best = None
-    for a in ok:
-        for b in ok:
-            if a["prompt"] == b["prompt"]:
-                continue
-            gap = a["score"] - b["score"]
-            if gap > margin and dominates([x["answer"] for x in a["checklist"]], [x["answer"] for x in b["checklist"]]):
-                key = (gap, -a["sample_idx"], -b["sample_idx"])
-                if best is None or key > best[0]:
-                    best = (key, a, b)
-    if best is None:
-        return None
-    _, a, b = best
-    return {"chosen": a["prompt"], "rejected": b["prompt"], "source": "video",
-            "scores": {"chosen": a["score"], "rejected": b["score"],
-                       "chosen_video": a["video_uri"], "rejected_video": b["video_uri"]}}
-
-
 def finalise_dpo(q: dict, cands: list[dict], videos: list[dict], cfg: GenerateConfig) -> dict:
-    msgs = prompts.optimizer_messages(q["text"])
-    pairs = [p for p in (text_pair(cands), video_pair(videos, cfg.pair_margin)) if p]
-    pairs = pairs[: cfg.max_pairs_per_query]  # text first, as in VPO
-    if not pairs:
+    """The query's DPO rows by the VPO pair rules (vpo_ray.data.pairs), or its error row."""
+    from vpo_ray.data import pairs
+
+    qid = q["query_id"]
+    cand_rows = [{"query_id": qid, "query": q["text"], "sample_idx": c["sample_idx"], "prompt": c["prompt"],
+                  "judge_json": json.dumps(c["judge"]) if c.get("judge") else "", "refined": c.get("refined")}
+                 for c in cands]
+    judged = [v for v in videos if not v.get("error") and v.get("checklist")]
+    video_rows = [dict(v, query_id=qid, query=q["text"], checklist_json=json.dumps(v["checklist"])) for v in judged]
+    text = pairs.text_pairs(cand_rows)
+    video = pairs.video_pairs({qid: video_rows}, margin=cfg.pair_margin) if video_rows else []
+    rows = pairs.build_dpo_set(text, video, cfg.max_pairs_per_query)
+    if not rows:
         rendered = [v for v in videos if v.get("video_uri") and not v.get("error")]
         stage = "render" if videos and not rendered else "pairs"
         reason = ("no video could be rendered" if stage == "render" else
                   f"no preference pair ({len(rendered)} videos, no refinement of a rejected sample)")
-        return {"query_id": q["query_id"], "error": error_row(q["query_id"], stage, reason)}
-    rows = [dpo_row(q["query_id"], msgs[0]["content"], msgs[1]["content"], p["chosen"], p["rejected"],
-                    p["source"], p["scores"]) for p in pairs]
-    return {"query_id": q["query_id"], "rows": rows, "how": pairs[0]["source"]}
+        return {"query_id": qid, "error": error_row(qid, stage, reason)}
+    return {"query_id": qid, "rows": rows, "how": rows[0]["source"]}
 
 
 # ---------------------------------------------------------------------------- the Ray Data flow

@@ -182,8 +182,21 @@ class LocalJudge:
                                          stop=(prompts.JUDGE_ANSWER_PREFIX, "Final Judg"))
         prefills = [f"{head} {r}\n{prompts.JUDGE_ANSWER_PREFIX}" for r in reasoning]
         p_yes = self.engine.yes_probability(msgs, prefills)
-        return [Judgement(verdict=bool(p >= 0.5), confidence=float(max(p, 1 - p)), reasons=r)
-                for p, r in zip(p_yes, reasoning)]
+        out = []
+        for p, r, s in zip(p_yes, reasoning, seeds):
+            verdict = self._decide(float(p), s)
+            out.append(Judgement(verdict=verdict, confidence=float(p if verdict else 1 - p), reasons=r))
+        return out
+
+    def _decide(self, p_yes: float, seed: int) -> bool:
+        """Greedy at temperature 0; otherwise the verdict token is sampled like any other
+        (the paper's judge ran at temperature 0.7), seeded per row for reproducibility."""
+        t = self.sampling.temperature
+        if t <= 0:
+            return p_yes >= 0.5
+        ly, ln = np.log(max(p_yes, 1e-12)) / t, np.log(max(1 - p_yes, 1e-12)) / t
+        p = 1.0 / (1.0 + np.exp(ln - ly))
+        return bool(np.random.default_rng(seed).random() < p)
 
     def refine(self, items: list[tuple[str, str, str, int, str]]) -> list[str]:
         """items: (query_id, query, prompt, sample_idx, judge_reasons) -> refined prompt or ''."""
