@@ -19,14 +19,14 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def ray_session(tiny_cache):
     """A local Ray instance shared by every test that needs one."""
     import ray
 
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
-                                           "TOKENIZERS_PARALLELISM": "false"}})
+                                           "TOKENIZERS_PARALLELISM": "false", "VPO_CACHE": str(tiny_cache)}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     try:
@@ -38,8 +38,8 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
-def tiny_cache(tmp_path_factory):
-    """Where the tiny preset is built once per session (VPO_CACHE)."""
-    d = os.environ.get("VPO_CACHE") or str(tmp_path_factory.mktemp("vpo_cache"))
+def tiny_cache():
+    """Where the tiny preset is built (content-addressed, so reuse across sessions is safe)."""
+    d = os.environ.get("VPO_CACHE") or os.path.expanduser("~/.cache/vpo_ray")
     os.environ["VPO_CACHE"] = d
     return Path(d)
