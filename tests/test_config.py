@@ -81,3 +81,9 @@ def test_checklist_from_yaml(tmp_path):
 def test_replace_dotted():
     cfg = replace(load_config(GenerateConfig), **{"video.fps": 3, "num_samples": 5})
     assert cfg.video.fps == 3 and cfg.num_samples == 5
+
+
+def test_exponent_without_dot_is_a_float():
+    assert load_config(TrainConfig, None, ["learning_rate=1e-4"]).learning_rate == 1e-4
+    with pytest.raises(ConfigError, match="learning_rate"):
+        load_config(TrainConfig, None, ["learning_rate=fast"])

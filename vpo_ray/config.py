@@ -230,7 +230,7 @@ class ServeConfig:
     ingress_max_ongoing_requests: int = 512
     max_body_bytes: int = 65536  # request bodies above this get 413
     max_query_chars: int = 2000
-    max_n: int = 8  # prompts per request; must be <= max_batch_size
+    max_n: Optional[int] = None  # prompts per request; None = min(8, max_batch_size); must be <= max_batch_size
     max_new_tokens: int = 256  # per prompt; chat `max_tokens` may ask for less
     temperature: float = 0.7  # default when a request gives none; 0 = greedy
     max_temperature: float = 2.0
@@ -249,6 +249,8 @@ class ServeConfig:
     ray: RayConfig = RayConfig()
 
     def __post_init__(self) -> None:
+        if self.max_n is None and self.max_batch_size >= 1:
+            object.__setattr__(self, "max_n", min(8, self.max_batch_size))
         if self.max_n < 1 or self.max_batch_size < 1:
             raise ConfigError("max_n and max_batch_size must be >= 1")
         if self.max_n > self.max_batch_size:
@@ -374,6 +376,16 @@ class BenchConfig:
     train: BenchTrainConfig = BenchTrainConfig()
     ray: RayConfig = RayConfig()
 
+    def __post_init__(self) -> None:
+        if self.name not in ("video-sampling", "llm-stages", "train-step"):
+            raise ConfigError(f"name: expected video-sampling | llm-stages | train-step, got {self.name!r}")
+        known = ("baseline", "optimized", "ray", "cache", "memory")
+        for v in self.variants:
+            if v not in known:
+                raise ConfigError(f"variants: unknown variant {v!r} (known: {', '.join(known)})")
+        if self.videos < 1 or self.warmup < 0 or self.warmup_steps < 1:
+            raise ConfigError("videos must be >= 1, warmup >= 0 and warmup_steps >= 1")
+
 
 # ---------------------------------------------------------------------------- loading
 
@@ -418,6 +430,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

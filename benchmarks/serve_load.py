@@ -1,0 +1,212 @@
+"""Load benchmark of `vpo serve`: latency percentiles and requests/s against concurrency,
+with dynamic batching off (max_batch_size=1) and on (max_batch_size=N).
+
+    python benchmarks/serve_load.py --out runs/bench/serve --preset tiny
+    python benchmarks/serve_load.py --out DIR --url http://127.0.0.1:8000   # an already running server
+
+Without --url it starts a local Ray instance and deploys the app once per batch setting
+(one replica, no autoscaling, so only batching differs). Each concurrency level runs
+closed-loop aiohttp clients for --duration-s seconds or --max-requests requests,
+whichever comes first; traffic goes to 127.0.0.1 only. Prints one JSON record and writes
+DIR/serve_load.json and DIR/serve_load.png.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+QUERIES = ("a cat playing piano", "a dog surfing a wave at sunset -ar 16:9", "an astronaut riding a horse on the moon",
+           "city street at night in the rain -neg blurry", "a panda eating bamboo in a misty forest",
+           "a red sailboat on a calm lake at dawn", "a chef cooking noodles, close-up", "a fox running through snow")
+
+
+def percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    k = (len(s) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+async def run_level(url: str, token: str | None, concurrency: int, duration_s: float, max_requests: int,
+                    n: int, timeout_s: float) -> dict:
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    latencies, statuses, batch_reqs = [], {}, []
+    issued = 0
+    deadline = time.perf_counter() + duration_s
+
+    async def client(session: "aiohttp.ClientSession", worker: int) -> None:
+        nonlocal issued
+        while time.perf_counter() < deadline and issued < max_requests:
+            i = issued
+            issued += 1
+            body = {"query": QUERIES[i % len(QUERIES)], "n": n, "seed": i}
+            t0 = time.perf_counter()
+            try:
+                async with session.post(url + "/v1/optimize", json=body, headers=headers) as r:
+                    await r.read()
+                    status = r.status
+                    if status == 200:
+                        batch_reqs.append(int(r.headers.get("X-VPO-Batch-Requests", "1")))
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                status = -1
+            statuses[status] = statuses.get(status, 0) + 1
+            if status == 200:
+                latencies.append((time.perf_counter() - t0) * 1000)
+
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    t_start = time.perf_counter()
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        await asyncio.gather(*(client(session, w) for w in range(concurrency)))
+    wall = time.perf_counter() - t_start
+    return {
+        "concurrency": concurrency, "requests": issued, "ok": len(latencies), "statuses": statuses,
+        "seconds": round(wall, 3), "rps": round(len(latencies) / wall, 3) if wall else 0.0,
+        "p50_ms": round(percentile(latencies, 0.50), 2), "p95_ms": round(percentile(latencies, 0.95), 2),
+        "p99_ms": round(percentile(latencies, 0.99), 2),
+        "mean_requests_per_generate": round(statistics.mean(batch_reqs), 3) if batch_reqs else None,
+    }
+
+
+def check_loopback(url: str) -> str:
+    host = urlparse(url).hostname
+    if host not in LOOPBACK:
+        raise SystemExit(f"serve_load: refusing to load {host!r}; only 127.0.0.1/localhost are allowed")
+    return url.rstrip("/")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deploy(args, max_batch_size: int, port: int) -> str:
+    from ray import serve
+
+    from vpo_ray.serve.app import app_from_config, config_from_args, http_options
+
+    top = max(args.concurrency)
+    fields = {"port": port, "max_batch_size": max_batch_size, "max_n": min(args.n, max_batch_size),
+              "max_new_tokens": args.max_new_tokens, "batch_wait_timeout_s": args.batch_wait_timeout_s,
+              "max_ongoing_requests": max(top, max_batch_size), "max_queued_requests": 4 * top,
+              "num_cpus": args.replica_cpus, "auth_token_env": "",  # loopback benchmark: no auth
+              "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
+    if args.model:
+        fields["model"] = args.model
+    else:
+        fields["preset"] = args.preset
+    cfg = config_from_args(fields)
+    serve.start(http_options=http_options(cfg))
+    serve.run(app_from_config(cfg), name=cfg.app_name, route_prefix="/")
+    return f"http://127.0.0.1:{port}"
+
+
+def bench(args) -> dict:
+    record = {"benchmark": "serve_load", "host": platform.node(), "cpus": os.cpu_count(),
+              "preset": None if args.url else (args.model or args.preset), "n": args.n,
+              "max_new_tokens": args.max_new_tokens, "duration_s": args.duration_s,
+              "max_requests": args.max_requests, "runs": []}
+    if args.url:
+        url = check_loopback(args.url)
+        for c in args.concurrency:
+            level = asyncio.run(run_level(url, args.token, c, args.duration_s, args.max_requests, args.n,
+                                          args.timeout_s))
+            record["runs"].append({"max_batch_size": None, **level})
+        return record
+
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
+    port = _free_port()
+    try:
+        for bs in args.batch_sizes:
+            url = deploy(args, bs, port)
+            asyncio.run(run_level(url, None, 2, 2.0, args.warmup, args.n, args.timeout_s))  # warm-up
+            for c in args.concurrency:
+                level = asyncio.run(run_level(url, None, c, args.duration_s, args.max_requests, args.n,
+                                              args.timeout_s))
+                record["runs"].append({"max_batch_size": bs, **level})
+                print(json.dumps(record["runs"][-1]), file=sys.stderr, flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return record
+
+
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_lat, ax_rps) = plt.subplots(1, 2, figsize=(11, 4.2))
+    settings = sorted({r["max_batch_size"] for r in record["runs"]}, key=lambda b: (b is None, b or 0))
+    for bs in settings:
+        runs = sorted((r for r in record["runs"] if r["max_batch_size"] == bs), key=lambda r: r["concurrency"])
+        cs = [r["concurrency"] for r in runs]
+        label = "server as is" if bs is None else ("no batching" if bs == 1 else f"max_batch_size={bs}")
+        line, = ax_lat.plot(cs, [r["p50_ms"] for r in runs], marker="o", label=f"{label} p50")
+        ax_lat.plot(cs, [r["p95_ms"] for r in runs], marker="^", ls="--", color=line.get_color(), label=f"{label} p95")
+        ax_rps.plot(cs, [r["rps"] for r in runs], marker="o", color=line.get_color(), label=label)
+    for ax, title, ylabel in ((ax_lat, "latency", "ms"), (ax_rps, "throughput", "requests/s")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"vpo serve {title} ({record.get('preset') or 'remote'}, n={record['n']}, "
+                     f"{record['max_new_tokens']} new tokens)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="directory for serve_load.json and serve_load.png")
+    p.add_argument("--url", help="load an already running server (127.0.0.1/localhost only) instead")
+    p.add_argument("--token", default=os.environ.get("VPO_SERVE_TOKEN"), help="bearer token for --url")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--model", help="optimizer dir instead of the preset's")
+    p.add_argument("--concurrency", type=ints, default=[1, 4, 16], help="comma list (default 1,4,16)")
+    p.add_argument("--batch-sizes", type=ints, default=[1, 16], help="max_batch_size settings (1 = no batching)")
+    p.add_argument("--duration-s", type=float, default=10.0, help="per concurrency level")
+    p.add_argument("--max-requests", type=int, default=2000, help="per concurrency level")
+    p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--n", type=int, default=1, help="prompts per request")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
+    p.add_argument("--timeout-s", type=float, default=120.0, help="per request")
+    p.add_argument("--ray-cpus", type=int, default=None, help="local Ray instance CPUs (default: all)")
+    p.add_argument("--replica-cpus", type=float, default=1.0)
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = bench(args)
+    (out / "serve_load.json").write_text(json.dumps(record, indent=2) + "\n")
+    plot(record, out / "serve_load.png")
+    print(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Python client of the `vpo serve` HTTP API.
+
+    from vpo_ray.serve.client import OptimizerClient
+    client = OptimizerClient("http://127.0.0.1:8000")          # token: arg or $VPO_SERVE_TOKEN
+    client.optimize("a cat playing piano -ar 16:9", n=2)["prompts"]
+
+503 (over capacity) and connection failures are retried with the server's Retry-After
+(capped) or exponential backoff; 4xx answers raise `OptimizerClientError` at once with
+the field the server named. Every call has a timeout.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Optional
+
+import requests
+
+RETRY_STATUSES = (502, 503, 504)
+
+
+class OptimizerClientError(RuntimeError):
+    """The server refused a request (or retries ran out); `status`, `field` as the server said."""
+
+    def __init__(self, status: Optional[int], message: str, field: Optional[str] = None):
+        super().__init__(f"{status}: {message}" + (f" (field {field})" if field else ""))
+        self.status = status
+        self.field = field
+        self.message = message
+
+
+class OptimizerClient:
+    def __init__(self, base_url: str, token: Optional[str] = None, timeout_s: float = 60.0,
+                 max_retries: int = 4, backoff_s: float = 0.5, max_retry_after_s: float = 30.0,
+                 token_env: str = "VPO_SERVE_TOKEN", session: Optional[requests.Session] = None):
+        self.base_url = base_url.rstrip("/")
+        self.token = token if token is not None else os.environ.get(token_env)
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.max_retry_after_s = max_retry_after_s
+        self.session = session or requests.Session()
+
+    # -- API
+
+    def optimize(self, query: str, n: int = 1, seed: Optional[int] = None, temperature: Optional[float] = None,
+                 **extra: Any) -> dict:
+        """POST /v1/optimize -> {prompts, query, text, flags, latency_ms, model, model_version, ...}."""
+        body = {"query": query, "n": n, **extra}
+        if seed is not None:
+            body["seed"] = seed
+        if temperature is not None:
+            body["temperature"] = temperature
+        return self._request("POST", "/v1/optimize", body)
+
+    def chat(self, messages: list[dict], **params: Any) -> dict:
+        """POST /v1/chat/completions (OpenAI shape)."""
+        return self._request("POST", "/v1/chat/completions", {"messages": messages, **params})
+
+    def models(self) -> dict:
+        return self._request("GET", "/v1/models")
+
+    def health(self) -> bool:
+        try:
+            r = self.session.get(self.base_url + "/healthz", timeout=min(self.timeout_s, 10.0))
+            return r.status_code == 200
+        except requests.RequestException:
+            return False
+
+    # -- plumbing
+
+    def _delay(self, attempt: int, response: Optional[requests.Response]) -> float:
+        if response is not None:
+            ra = response.headers.get("Retry-After", "")
+            try:
+                return min(max(float(ra), 0.0), self.max_retry_after_s)
+            except ValueError:
+                pass
+        return min(self.backoff_s * (2 ** attempt), self.max_retry_after_s)
+
+    def _request(self, method: str, path: str, body: Optional[dict] = None) -> dict:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        last: Optional[str] = None
+        last_status: Optional[int] = None
+        for attempt in range(self.max_retries + 1):
+            response = None
+            try:
+                response = self.session.request(method, self.base_url + path, json=body, headers=headers,
+                                                timeout=self.timeout_s)
+            except (requests.ConnectionError, requests.Timeout) as e:
+                last, last_status = f"{type(e).__name__}: {e}", None
+            else:
+                if response.status_code < 400:
+                    return response.json()
+                field, message = _error_of(response)
+                if response.status_code not in RETRY_STATUSES:
+                    raise OptimizerClientError(response.status_code, message, field)
+                last, last_status = message, response.status_code
+            if attempt < self.max_retries:
+                time.sleep(self._delay(attempt, response))
+        raise OptimizerClientError(last_status, f"gave up after {self.max_retries + 1} attempts: {last}")
+
+
+def _error_of(response: requests.Response) -> tuple[Optional[str], str]:
+    try:
+        err = response.json().get("error", {})
+        return err.get("field"), str(err.get("message", response.reason))
+    except (ValueError, AttributeError):
+        return None, (response.text or response.reason or "")[:500]

@@ -1,0 +1,206 @@
+"""The optimizer model behind the Serve deployment: load once, generate batches.
+
+Independent of Ray so it can be tested and benchmarked alone. One `generate` call
+serves many requests: each request's query is expanded into `n` rows, all rows are
+left-padded into one batch, and every row samples with its own temperature and its
+own random stream (`RowSampler`), so a request's output does not depend on which
+other requests shared its batch, and a request with a `seed` is reproducible.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from typing import Optional
+
+from vpo_ray.config import ServeConfig
+from vpo_ray.prompts import optimizer_messages
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenRequest:
+    """One request as the model deployment sees it (already validated by the ingress)."""
+    text: str  # what the optimizer rewrites
+    n: int = 1
+    temperature: float = 0.7  # 0 = greedy
+    top_p: float = 0.95
+    seed: Optional[int] = None  # row j of the request samples with seed + j
+    max_new_tokens: int = 256
+
+
+@dataclass
+class GenResult:
+    texts: list[str]  # n raw completions, not yet parsed
+    prompt_tokens: int
+    completion_tokens: list[int]
+    batch_rows: int  # rows in the generate call this request shared
+    batch_requests: int
+    model: str = ""
+    model_version: str = ""
+
+
+# ---------------------------------------------------------------------------- model
+
+def served_name(cfg: ServeConfig) -> str:
+    if cfg.served_model_name:
+        return cfg.served_model_name
+    if cfg.model:
+        return os.path.basename(os.path.normpath(cfg.model)) or "vpo-optimizer"
+    return f"vpo-optimizer-{cfg.preset}"
+
+
+def fingerprint(path: str) -> str:
+    """Short stable id of a model directory: names, sizes and config.json contents."""
+    h = hashlib.sha1()
+    if os.path.isdir(path):
+        for root, _, files in sorted(os.walk(path)):
+            for f in sorted(files):
+                p = os.path.join(root, f)
+                h.update(os.path.relpath(p, path).encode())
+                h.update(str(os.path.getsize(p)).encode())
+        cfg = os.path.join(path, "config.json")
+        if os.path.exists(cfg):
+            with open(cfg, "rb") as fh:
+                h.update(fh.read())
+    else:
+        h.update(path.encode())
+    return h.hexdigest()[:12]
+
+
+def model_source(cfg: ServeConfig):
+    """What the registry loads: cfg.model (path, hub id or registry name), else the preset's optimizer."""
+    from vpo_ray.models import registry  # the one place model ids live
+
+    return cfg.model or registry.get_spec(cfg.preset, "optimizer")
+
+
+def load_model(cfg: ServeConfig, device: str):
+    """(model, tokenizer, local path) through the registry: left padding, pad token set."""
+    from vpo_ray.models import registry
+
+    source = model_source(cfg)
+    path = registry.model_path(source)  # builds the tiny preset once per cache dir
+    model, tok = registry.load_causal_lm(source, device=device, dtype=cfg.dtype)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.eval()
+    return model, tok, path
+
+
+def _row_sampler_class():
+    import torch
+    from transformers import LogitsProcessor
+
+    class RowSampler(LogitsProcessor):
+        """Per-row temperature/top-p sampling with a per-row torch.Generator.
+
+        `generate` runs greedy (do_sample=False); this processor, applied last, turns each
+        sampled row's scores into a one-hot choice drawn from that row's own generator, so
+        greedy picks exactly the sampled token. Rows with temperature 0 stay greedy.
+        """
+
+        def __init__(self, temperatures: list[float], top_ps: list[float], seeds: list[int], device):
+            self.temps = temperatures
+            self.top_ps = top_ps
+            self.gens = []
+            for s in seeds:
+                g = torch.Generator(device=device)
+                g.manual_seed(int(s))
+                self.gens.append(g)
+
+        def __call__(self, input_ids, scores):
+            rows = [i for i, t in enumerate(self.temps) if t > 0]
+            if not rows:
+                return scores
+            idx = torch.tensor(rows, device=scores.device)
+            temps = torch.tensor([self.temps[i] for i in rows], device=scores.device, dtype=torch.float32)
+            logits = scores[idx].float() / temps[:, None]
+            probs = torch.softmax(logits, dim=-1)
+            sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+            cum = torch.cumsum(sorted_p, dim=-1)
+            top_p = torch.tensor([self.top_ps[i] for i in rows], device=scores.device)[:, None]
+            sorted_p = torch.where(cum - sorted_p >= top_p, torch.zeros_like(sorted_p), sorted_p)  # keep >= 1 token
+            cum = torch.cumsum(sorted_p, dim=-1)
+            u = torch.stack([torch.rand((), generator=self.gens[i], device=scores.device) for i in rows])
+            pick = torch.searchsorted(cum, (u * cum[:, -1])[:, None]).clamp_(max=cum.shape[-1] - 1)
+            chosen = order.gather(-1, pick).squeeze(-1)
+            out = scores.clone()
+            out[idx] = float("-inf")
+            out[idx, chosen] = 0.0
+            return out
+
+    return RowSampler
+
+
+class OptimizerEngine:
+    """The optimizer loaded once per replica; `generate` serves a list of requests."""
+
+    def __init__(self, cfg: ServeConfig, device: Optional[str] = None):
+        import torch
+
+        self.cfg = cfg
+        self.device = device or ("cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+        if self.device == "cpu":
+            torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.num_cpus)))
+        self.model, self.tokenizer, self.path = load_model(cfg, self.device)
+        self.name = served_name(cfg)
+        self.version = cfg.model_version or fingerprint(self.path)
+        self._sampler_cls = _row_sampler_class()
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        eos = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos:
+            eos.append(self.tokenizer.eos_token_id)
+        self.stop_ids = eos  # end of turn (and <|endoftext|> for Qwen2-style models)
+        self.generate([GenRequest("warm-up", temperature=0.0, max_new_tokens=1)])  # first request pays no setup
+        log.info("optimizer %s (%s) loaded from %s on %s", self.name, self.version, self.path, self.device)
+
+    def info(self) -> dict:
+        return {"model": self.name, "model_version": self.version, "device": self.device}
+
+    def prompt_text(self, text: str) -> str:
+        return self.tokenizer.apply_chat_template(optimizer_messages(text), tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def generate(self, requests: list[GenRequest]) -> list[GenResult]:
+        """One left-padded `generate` call for all rows of all requests."""
+        import torch
+
+        prompts, temps, top_ps, seeds, owners = [], [], [], [], []
+        for r_i, r in enumerate(requests):
+            base_seed = r.seed if r.seed is not None else secrets.randbits(62)
+            p = self.prompt_text(r.text)
+            for j in range(r.n):
+                prompts.append(p)
+                temps.append(float(r.temperature))
+                top_ps.append(float(r.top_p))
+                seeds.append((base_seed + j) % (2 ** 63))
+                owners.append(r_i)
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        max_new = max(r.max_new_tokens for r in requests)
+        sampler = self._sampler_cls(temps, top_ps, seeds, self.device)
+        with torch.inference_mode():
+            out = self.model.generate(
+                **enc, max_new_tokens=max_new, do_sample=False, num_beams=1, logits_processor=[sampler],
+                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.stop_ids or None,
+                temperature=None, top_p=None, top_k=None,
+            )
+        new_tokens = out[:, enc["input_ids"].shape[1]:].cpu()
+        stops = set(self.stop_ids) | ({self.tokenizer.pad_token_id} - {None})
+        results = [GenResult(texts=[], prompt_tokens=0, completion_tokens=[], batch_rows=len(prompts),
+                             batch_requests=len(requests), model=self.name, model_version=self.version)
+                   for _ in requests]
+        for row, r_i in enumerate(owners):
+            ids = new_tokens[row].tolist()[: requests[r_i].max_new_tokens]
+            end = next((k for k, t in enumerate(ids) if t in stops), len(ids))  # first end-of-turn/padding
+            ids = ids[:end]
+            res = results[r_i]
+            res.texts.append(self.tokenizer.decode(ids, skip_special_tokens=True))
+            res.completion_tokens.append(len(ids))
+            res.prompt_tokens = int(enc["attention_mask"][row].sum())
+        return results
