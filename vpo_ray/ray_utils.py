@@ -8,6 +8,12 @@ from vpo_ray.config import RayConfig
 
 log = logging.getLogger(__name__)
 
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+             "DIFFUSERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
+# Settings of the driver that workers need too (offline mode, tiny-model cache, CPU DeepSpeed).
+PASS_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "VPO_CACHE", "DS_ACCELERATOR",
+            "VPO_TRUST_REMOTE_CODE")
+
 
 def init_ray(cfg: RayConfig = RayConfig()):
     """Join `cfg.address` or $RAY_ADDRESS if set, otherwise start a local instance.
@@ -25,7 +31,13 @@ def init_ray(cfg: RayConfig = RayConfig()):
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False, **kwargs)
+        # Workers inherit these; per-actor "Loading weights" bars would drown the job's progress.
+        env = {k: os.environ.get(k, v) for k, v in QUIET_ENV.items()}
+        for k in PASS_ENV:
+            if k in os.environ:
+                env[k] = os.environ[k]
+        ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False,
+                 runtime_env={"env_vars": env}, **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("VPO_PROGRESS", "1") != "0"
     return ray

@@ -32,11 +32,35 @@ FLUSH_EVERY_S = 5.0  # a crash loses at most this much finished work
 
 # ---------------------------------------------------------------------------- small helpers
 
-def _placement(stage) -> dict:
+def _placement(stage, cpu_scale: float = 1.0) -> dict:
     import ray.data
 
     return dict(compute=ray.data.ActorPoolStrategy(min_size=stage.min_actors, max_size=stage.max_actors),
-                num_gpus=stage.num_gpus or None, num_cpus=stage.num_cpus, batch_size=stage.batch_size)
+                num_gpus=stage.num_gpus or None, num_cpus=stage.num_cpus * cpu_scale, batch_size=stage.batch_size)
+
+
+def fit_stages(stages: dict, cluster: dict) -> float:
+    """The factor applied to every stage's CPU request so all pools fit at once.
+
+    Ray Data pipelines only when every actor pool's minimum can be placed together; a
+    pool that cannot start waits forever for CPUs the others hold. GPUs are not
+    scaled: too few of them is a configuration error naming the stages.
+    """
+    need_gpu = sum(s.num_gpus * s.min_actors for s in stages.values())
+    have_gpu = cluster.get("GPU", 0.0)
+    if need_gpu > have_gpu + 1e-9:
+        detail = ", ".join(f"{k}_stage: {s.min_actors} x {s.num_gpus:g}" for k, s in stages.items() if s.num_gpus)
+        from vpo_ray.config import ConfigError
+        raise ConfigError(f"the stages' actor pools need {need_gpu:g} GPUs at once ({detail}) but the cluster has "
+                          f"{have_gpu:g}: lower <stage>_stage.num_gpus (fractions share a GPU) or min_actors")
+    need_cpu = sum(s.num_cpus * s.min_actors for s in stages.values())
+    have_cpu = cluster.get("CPU", 0.0)
+    if need_cpu <= have_cpu or need_cpu == 0:
+        return 1.0
+    scale = have_cpu / need_cpu * 0.9  # leave room for the task-pool stages and the driver's reads
+    log.warning("stage actor pools ask for %.1f CPUs at once, the cluster has %.1f: scaling CPU requests by %.2f "
+                "so that all stages run together", need_cpu, have_cpu, scale)
+    return scale
 
 
 def resolve_models(cfg: GenerateConfig) -> dict[str, str]:
@@ -173,11 +197,11 @@ class RenderStage:
             for pos, i in enumerate(todo):
                 for col in ("video_uri", "model", "frames", "fps"):
                     out[col][i] = res[col][pos]
-                if res["error"][pos]:
-                    out["render_error"] = out.get("render_error", [""] * n)
-                    out["render_error"][i] = f"render: {res['error'][pos]}"
-        out.setdefault("render_error", [""] * n)
-        return {k: np.asarray(v, dtype=object) if k in ("video_uri", "model", "render_error") else np.asarray(v)
+                if res["error"][pos]:  # marks the video, not the query, as failed
+                    out["video_error"] = out.get("video_error", [""] * n)
+                    out["video_error"][i] = f"render: {res['error'][pos]}"
+        out.setdefault("video_error", [""] * n)
+        return {k: np.asarray(v, dtype=object) if k in ("video_uri", "model", "video_error") else np.asarray(v)
                 for k, v in out.items()}
 
 
@@ -186,32 +210,28 @@ def build_dataset(rows: list[dict], cfg: GenerateConfig, models: dict[str, str])
     from vpo_ray.pipeline.llm import Critic, Rewriter
     from vpo_ray.pipeline.video_judge import VideoJudge
 
+    stages = {"rewrite": cfg.rewrite_stage, "judge": cfg.judge_stage}
+    if cfg.kind == "dpo":
+        stages.update(t2v=cfg.t2v_stage, video_judge=cfg.video_judge_stage)
+    scale = fit_stages(stages, ray.cluster_resources())
     n_blocks = max(1, min(len(rows), 64, len(rows) // max(1, cfg.rewrite_stage.batch_size)))
     ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
     ds = ds.map_batches(Rewriter, fn_constructor_kwargs=dict(
         model=models["optimizer"], num_samples=cfg.num_samples, sampling=to_dict(cfg.sampling), seed=cfg.seed),
-        **_placement(cfg.rewrite_stage))
+        **_placement(cfg.rewrite_stage, scale))
     ds = ds.map_batches(Critic, fn_constructor_kwargs=dict(
         model=models["judge"], sampling=to_dict(cfg.judge_sampling), endpoint=to_dict(cfg.judge_endpoint),
-        refine=cfg.refine, seed=cfg.seed), **_placement(cfg.judge_stage))
+        refine=cfg.refine, seed=cfg.seed), **_placement(cfg.judge_stage, scale))
     if cfg.kind == "sft":
         return ds
-    ds = ds.flat_map(explode_for_render, fn_kwargs=dict(
+    ds = ds.flat_map(explode_for_render, num_cpus=0.1, fn_kwargs=dict(  # cheap: never starves the pools
         seeds_per_prompt=cfg.video.seeds_per_prompt, seed=cfg.seed, model=models["t2v"]))
     ds = ds.map_batches(RenderStage, fn_constructor_kwargs=dict(
-        model=models["t2v"], video=cfg.video, out_root=cfg.out), **_placement(cfg.t2v_stage))
-    ds = ds.map_batches(_move_render_error, batch_format="numpy")
+        model=models["t2v"], video=cfg.video, out_root=cfg.out), **_placement(cfg.t2v_stage, scale))
     ds = ds.map_batches(VideoJudge, fn_constructor_kwargs=dict(
         model=models["video_judge"], checklist=[to_dict(c) for c in cfg.checklist],
-        num_frames=cfg.video.judge_frames), **_placement(cfg.video_judge_stage))
+        num_frames=cfg.video.judge_frames), **_placement(cfg.video_judge_stage, scale))
     return ds
-
-
-def _move_render_error(batch: dict) -> dict:
-    """A failed render marks the video row (not the query) as failed."""
-    batch = dict(batch)
-    batch["video_error"] = batch.pop("render_error")
-    return batch
 
 
 # ---------------------------------------------------------------------------- the job
