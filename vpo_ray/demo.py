@@ -41,10 +41,12 @@ def stage_rows(loop: dict) -> dict:
         gen, tr = h["generate"], h["train"]
         name = f"round_{h['round']}.generate_{h['kind']}"
         stages[name] = {"rows_in": gen.get("input_queries"), "rows_out": gen.get("output_rows"),
-                        "errors": gen.get("errors"), "seconds": gen.get("wall_seconds")}
+                        "duplicates": gen.get("duplicates"), "errors": gen.get("errors"),
+                        "seconds": gen.get("wall_seconds")}
         stages[f"round_{h['round']}.train_{h['kind']}"] = {
             "rows_in": gen.get("output_rows"), "rows_out": tr.get("global_step"), "errors": 0,
-            "seconds": tr.get("wall_seconds"), "final_loss": (tr.get("metrics") or {}).get("last_loss")}
+            "seconds": tr.get("wall_seconds"), "loss_first": (tr.get("metrics") or {}).get("loss_first"),
+            "loss_last": (tr.get("metrics") or {}).get("loss_last")}
     return stages
 
 
