@@ -43,3 +43,29 @@ def tiny_cache():
     d = os.environ.get("VPO_CACHE") or os.path.expanduser("~/.cache/vpo_ray")
     os.environ["VPO_CACHE"] = d
     return Path(d)
+
+
+def actor_pids(name_part: str) -> list[int]:
+    """PIDs of this session's Ray actor processes whose title contains `name_part`.
+
+    Walks the children of this session's raylet (not the state API, which needs the
+    dashboard and is ambiguous when other Ray instances run on the same machine).
+    """
+    import psutil
+    import ray
+
+    node = ray._private.worker._global_node
+    raylet = node.all_processes["raylet"][0].process.pid
+    out = []
+    for p in psutil.Process(raylet).children(recursive=True):
+        try:
+            if name_part in " ".join(p.cmdline()):
+                out.append(p.pid)
+        except psutil.Error:
+            continue
+    return out
+
+
+@pytest.fixture
+def find_actor_pids(ray_session):
+    return actor_pids

@@ -275,3 +275,12 @@ def test_pip_resolves_the_whole_set_offline_with_torch_supplied(built_bundle, tm
     pins = {vb.canonical(p.split("==")[0]) + "==" + p.split("==")[1]
             for p in (out / "requirements.txt").read_text().split()}
     assert resolved == pins | {"torch==2.13.0+vpostub"}
+
+
+def test_old_glibc_tags_fall_back_to_manylinux_2_28():
+    from vpo_ray.bundle import _newer_platform
+
+    assert _newer_platform("manylinux_2_17_x86_64") == "manylinux_2_28_x86_64"
+    assert _newer_platform("manylinux2014_aarch64") == "manylinux_2_28_aarch64"
+    assert _newer_platform("manylinux_2_28_x86_64") is None
+    assert _newer_platform("manylinux_2_34_x86_64") is None

@@ -123,11 +123,9 @@ def test_dpo_set_with_videos(ray_session, queries_file, tmp_path):
     assert sources == sorted(sources, key=lambda s: s != "text"), "text pairs come first"
 
 
-def test_killed_judge_actor_loses_no_rows(ray_session, queries_file, tmp_path):
+def test_killed_judge_actor_loses_no_rows(ray_session, find_actor_pids, queries_file, tmp_path):
     """kill -9 the critique actor mid-run: Ray restarts it, the stage retries, and the
     output equals an undisturbed run (sampling is seeded per row)."""
-    from ray.util.state import list_actors
-
     ref_out, out = str(tmp_path / "ref"), str(tmp_path / "killed")
     reference = run_generate(cfg_for("sft", queries_file, ref_out, "judge_stage.batch_size=1"))
     killed = []
@@ -135,12 +133,11 @@ def test_killed_judge_actor_loses_no_rows(ray_session, queries_file, tmp_path):
     def killer():
         deadline = time.time() + 120
         while time.time() < deadline and not killed:
-            for a in list_actors(filters=[("state", "=", "ALIVE")]):
-                if "Critic" in (a.class_name or "") and a.pid:
-                    time.sleep(0.5)  # let it take a batch first
-                    os.kill(a.pid, signal.SIGKILL)
-                    killed.append(a.pid)
-                    return
+            for pid in find_actor_pids("MapBatches(Critic)"):
+                time.sleep(0.5)  # let it take a batch first
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
             time.sleep(0.2)
 
     t = threading.Thread(target=killer, daemon=True)

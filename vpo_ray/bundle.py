@@ -27,6 +27,7 @@ How it works:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fnmatch
 import hashlib
 import json
@@ -66,6 +67,7 @@ class BundleSpec:
     find_links: tuple[str, ...] = ()  # folders of prebuilt wheels (e.g. sdist-only deps)
     project: Optional[str] = None  # vpo_ray source tree; None = the one this module is in
     xz_preset: int = 1  # wheels are deflate zips: xz -6 gains little over -1 and is ~5x slower
+    strict_platform: bool = False  # False: an older tag that cannot resolve falls back to manylinux_2_28
 
 
 # ---------------------------------------------------------------------------- tags and names
@@ -114,6 +116,15 @@ def platform_tags(platform: str) -> list[str]:
             if lminor == m_ and arch in alias_arches.get(alias, (arch,)):
                 tags.append(f"{alias}_{arch}")
     return tags
+
+
+def _newer_platform(platform: str) -> Optional[str]:
+    """DEFAULT_PLATFORM's glibc tag for the same arch when `platform` is older, else None."""
+    tags = platform_tags(platform)
+    m = re.fullmatch(r"manylinux_2_(\d+)_(\w+)", tags[0])
+    if not m or int(m.group(1)) >= 28:
+        return None
+    return f"manylinux_2_28_{m.group(2)}"
 
 
 def python_tags(python: str) -> tuple[str, str]:
@@ -573,7 +584,19 @@ def build_bundle(spec: BundleSpec) -> dict:
         roots = [str(project_wheel), *spec.extra]
         if not skipped("torch", spec.skip) or "torch" in stubs:
             roots.append(spec.torch_spec)
-        items = resolve(spec, roots, links, work)
+        try:
+            items = resolve(spec, roots, links, work)
+        except BundleError as e:
+            newer = _newer_platform(spec.platform)
+            if spec.strict_platform or newer is None:
+                raise
+            # Current pyarrow/torch ship manylinux_2_28 wheels only: say so, bundle for the
+            # oldest tag that resolves, and record it in manifest.json and install.sh.
+            print(f"vpo bundle: warning: the dependencies do not resolve for {spec.platform} "
+                  f"({str(e).splitlines()[-1][:200]}); bundling for {newer} instead: the target needs "
+                  f"glibc >= 2.{newer.split('_')[2]} (pass --strict-platform to fail instead)", file=sys.stderr)
+            spec = dataclasses.replace(spec, platform=newer)
+            items = resolve(spec, roots, links, work)
         kept, left = select(items, spec)
         download(kept, spec, [local, *links[2:]], wheels)
         max_bytes = int(spec.max_wheel_mb * (1 << 20)) if spec.max_wheel_mb else None
@@ -597,13 +620,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--find-links", action="append", dest="find_links", metavar="DIR",
                    help="folder of prebuilt wheels to use (repeatable)")
     p.add_argument("--project", help="vpo_ray source tree (default: the one this command runs from)")
+    p.add_argument("--strict-platform", action="store_true", default=None, dest="strict_platform",
+                   help="fail when the dependencies have no wheels for --platform instead of falling back "
+                        "to manylinux_2_28")
 
 
 def spec_from_args(args: argparse.Namespace) -> BundleSpec:
     from vpo_ray.config import load_config
 
     fields = {k: getattr(args, k, None) for k in
-              ("python", "platform", "out", "max_wheel_mb", "torch_spec", "project")}
+              ("python", "platform", "out", "max_wheel_mb", "torch_spec", "project", "strict_platform")}
     for k in ("extra", "skip", "find_links"):
         v = getattr(args, k, None)
         fields[k] = list(v) if v else None

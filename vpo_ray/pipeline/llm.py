@@ -1,10 +1,9 @@
 """LLM stages: the optimizer that rewrites queries, the judge that critiques and refines.
 
 One `LLMEngine` per actor loads the model once and serves batched, left-padded
-`generate` calls. Sampling is seeded per output row (Gumbel-max over the processed
-logits with one generator per row), so a row's text depends only on (seed, query_id,
-sample_idx) and not on which other rows shared its batch: a rerun after a killed
-actor reproduces the same content.
+`generate` calls. Sampling is seeded per output row (vpo_ray.sampling), so a row's
+text depends only on (seed, query_id, sample_idx) and not on which other rows shared
+its batch: a rerun after a killed actor reproduces the same content.
 
 The local judge reads its verdict by forced choice: after its step-by-step reasoning,
 the prompt is continued with "Final Judgement (Yes or No):" and the next-token
@@ -22,6 +21,7 @@ import numpy as np
 
 from vpo_ray import prompts
 from vpo_ray.config import JudgeEndpointConfig, SamplingConfig
+from vpo_ray.sampling import row_sampler
 from vpo_ray.schema import Judgement
 
 log = logging.getLogger(__name__)
@@ -31,29 +31,6 @@ def row_seed(seed: int, *keys: Any) -> int:
     """A 63-bit seed from the run seed and a row's identity."""
     h = hashlib.sha256(json.dumps([seed, *keys], default=str).encode()).digest()
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
-
-
-def _make_gumbel_processor(generators, temperature: float, top_p: float):
-    import torch
-    from transformers import LogitsProcessor
-
-    class SeededGumbel(LogitsProcessor):
-        """Temperature + top-p, then per-row Gumbel noise; greedy decoding then samples."""
-
-        def __call__(self, input_ids, scores):
-            scores = scores.float() / max(temperature, 1e-5)
-            if top_p < 1.0:
-                sorted_logits, idx = torch.sort(scores, descending=True, dim=-1)
-                cum = sorted_logits.softmax(-1).cumsum(-1)
-                drop = cum - sorted_logits.softmax(-1) > top_p  # keep the first token always
-                scores = scores.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
-            noise = torch.stack([
-                -torch.log(-torch.log(torch.rand(scores.shape[-1], generator=g).clamp_(1e-20, 1.0)))
-                for g in generators
-            ]).to(scores.device)
-            return scores + noise
-
-    return SeededGumbel()
 
 
 class LLMEngine:
@@ -89,11 +66,13 @@ class LLMEngine:
         if not messages_list:
             return []
         enc = self._encode(messages_list, prefills)
-        kwargs: dict = dict(max_new_tokens=sampling.max_new_tokens, do_sample=False,
-                            pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id)
+        kwargs: dict = dict(max_new_tokens=sampling.max_new_tokens, do_sample=False, num_beams=1,
+                            pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id,
+                            temperature=None, top_p=None, top_k=None)  # sampling is the row sampler's job
         if sampling.temperature > 0:
-            gens = [torch.Generator().manual_seed(int(s)) for s in row_seeds]
-            kwargs["logits_processor"] = [_make_gumbel_processor(gens, sampling.temperature, sampling.top_p)]
+            n = len(row_seeds)
+            kwargs["logits_processor"] = [row_sampler([sampling.temperature] * n, [sampling.top_p] * n,
+                                                      list(row_seeds), self.device)]
         with torch.inference_mode():
             out = self.model.generate(**enc, **kwargs)
         texts = self.tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)

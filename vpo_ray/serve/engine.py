@@ -17,6 +17,7 @@ from typing import Optional
 
 from vpo_ray.config import ServeConfig
 from vpo_ray.prompts import optimizer_messages
+from vpo_ray.sampling import row_sampler_class
 
 log = logging.getLogger(__name__)
 
@@ -92,51 +93,6 @@ def load_model(cfg: ServeConfig, device: str):
     return model, tok, path
 
 
-def _row_sampler_class():
-    import torch
-    from transformers import LogitsProcessor
-
-    class RowSampler(LogitsProcessor):
-        """Per-row temperature/top-p sampling with a per-row torch.Generator.
-
-        `generate` runs greedy (do_sample=False); this processor, applied last, turns each
-        sampled row's scores into a one-hot choice drawn from that row's own generator, so
-        greedy picks exactly the sampled token. Rows with temperature 0 stay greedy.
-        """
-
-        def __init__(self, temperatures: list[float], top_ps: list[float], seeds: list[int], device):
-            self.temps = temperatures
-            self.top_ps = top_ps
-            self.gens = []
-            for s in seeds:
-                g = torch.Generator(device=device)
-                g.manual_seed(int(s))
-                self.gens.append(g)
-
-        def __call__(self, input_ids, scores):
-            rows = [i for i, t in enumerate(self.temps) if t > 0]
-            if not rows:
-                return scores
-            idx = torch.tensor(rows, device=scores.device)
-            temps = torch.tensor([self.temps[i] for i in rows], device=scores.device, dtype=torch.float32)
-            logits = scores[idx].float() / temps[:, None]
-            probs = torch.softmax(logits, dim=-1)
-            sorted_p, order = torch.sort(probs, dim=-1, descending=True)
-            cum = torch.cumsum(sorted_p, dim=-1)
-            top_p = torch.tensor([self.top_ps[i] for i in rows], device=scores.device)[:, None]
-            sorted_p = torch.where(cum - sorted_p >= top_p, torch.zeros_like(sorted_p), sorted_p)  # keep >= 1 token
-            cum = torch.cumsum(sorted_p, dim=-1)
-            u = torch.stack([torch.rand((), generator=self.gens[i], device=scores.device) for i in rows])
-            pick = torch.searchsorted(cum, (u * cum[:, -1])[:, None]).clamp_(max=cum.shape[-1] - 1)
-            chosen = order.gather(-1, pick).squeeze(-1)
-            out = scores.clone()
-            out[idx] = float("-inf")
-            out[idx, chosen] = 0.0
-            return out
-
-    return RowSampler
-
-
 class OptimizerEngine:
     """The optimizer loaded once per replica; `generate` serves a list of requests."""
 
@@ -150,7 +106,7 @@ class OptimizerEngine:
         self.model, self.tokenizer, self.path = load_model(cfg, self.device)
         self.name = served_name(cfg)
         self.version = cfg.model_version or fingerprint(self.path)
-        self._sampler_cls = _row_sampler_class()
+        self._sampler_cls = row_sampler_class()
         eos = getattr(self.model.generation_config, "eos_token_id", None)
         eos = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
         if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos:
