@@ -9,6 +9,25 @@ import argparse
 import importlib
 import sys
 
+# Errors that mean "the user gave something wrong" (a path, a file, a model id, a config
+# value): the CLI prints their one-line message and exits 2, never a traceback. Looked up
+# in sys.modules only, so `vpo --help` imports nothing heavy: an exception cannot be an
+# instance of a class whose module was never imported.
+USER_ERRORS = (("vpo_ray.data.ingest", "IngestError"), ("vpo_ray.storage", "StorageError"),
+               ("vpo_ray.models.registry", "ModelLoadError"), ("vpo_ray.train.data", "DataError"))
+
+
+def _user_error(e: BaseException) -> bool:
+    for module, name in USER_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and isinstance(e, cls):
+            return True
+    return False
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
 COMMANDS = {
     "demo": ("vpo_ray.demo", "run the whole VPO loop on the tiny preset with a local Ray instance"),
     "generate": ("vpo_ray.pipeline.generate", "build the SFT set or the DPO set from raw queries (Ray Data)"),
@@ -61,7 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except ConfigError as e:
-        print(f"vpo {args.command}: config error: {e}", file=sys.stderr)
+        print(f"vpo {args.command}: config error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - only the user-facing classes are caught here
+        if not _user_error(e):
+            raise
+        print(f"vpo {args.command}: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"vpo {args.command}: interrupted", file=sys.stderr)

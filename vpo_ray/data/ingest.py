@@ -417,6 +417,9 @@ def _read_json(text: str, source: str, column: str) -> list[tuple[int, Any]]:
         if e.msg == "Extra data":  # one value per line: it is JSONL named .json
             return _read_jsonl(text, source, column)
         raise IngestError(f"{source}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except RecursionError:  # json's C decoder recurses per nesting level
+        raise IngestError(f"{source}: JSON nested too deeply to read (expected a flat list of strings "
+                          f"or of objects with '{column}')") from None
     if not isinstance(data, list):
         raise IngestError(f"{source}: JSON top level is {type(data).__name__}, expected a list of strings "
                           f"or of objects with '{column}'")
@@ -434,6 +437,8 @@ def _read_jsonl(text: str, source: str, column: str) -> list[tuple[int, Any]]:
             rows.append((i, json.loads(line)))
         except json.JSONDecodeError as e:
             rows.append((i, _Unreadable("invalid JSON line", f"line {i + 1} column {e.colno}: {e.msg}")))
+        except RecursionError:
+            rows.append((i, _Unreadable("invalid JSON line", f"line {i + 1}: nested too deeply to read")))
     _check_column(rows, source, column)
     return [(i, v if isinstance(v, _Unreadable) else _pick(v, column)) for i, v in rows]
 

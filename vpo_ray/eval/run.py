@@ -463,38 +463,6 @@ def add_arguments(p) -> None:
                                                 "'sources=[original,few_shot,sft=runs/sft/model]'")
 
 
-def tiny_defaults() -> dict:
-    """Settings for `--preset tiny` that the user did not give: the tiny T2V model's own clip
-    size and short generations, so the eval runs on a laptop in minutes."""
-    from vpo_ray.models.registry import get_spec
-
-    t2v = get_spec("tiny", "t2v").options
-    out = {f"video.{k}": t2v[k] for k in ("num_frames", "height", "width", "num_inference_steps") if k in t2v}
-    out.update({"video.judge_frames": 2, "sampling.max_new_tokens": 24, "judge_sampling.max_new_tokens": 12})
-    return out
-
-
-def _given_keys(path: Optional[str], overrides: list[str], fields: dict) -> set[str]:
-    """Dotted keys set by the YAML file, the flags or key=value overrides."""
-    import yaml
-
-    from vpo_ray.config import parse_override
-
-    def flatten(d, prefix=""):
-        for k, v in d.items():
-            yield prefix + k
-            if isinstance(v, dict):
-                yield from flatten(v, prefix + k + ".")
-
-    tree = yaml.safe_load(open(path)) if path and os.path.isfile(path) else None
-    keys = set(flatten(tree)) if isinstance(tree, dict) else set()
-    keys |= {k for k, v in fields.items() if v is not None}
-    for o in overrides:
-        k, v = parse_override(o)
-        keys |= {k} | (set(flatten(v, k + ".")) if isinstance(v, dict) else set())
-    return keys
-
-
 def config_from_args(args) -> EvalConfig:
     """EvalConfig from --config, flags and key=value overrides (+ tiny defaults for keys not given)."""
     fields = dict(queries=args.queries, out=args.out, preset=args.preset)
@@ -502,14 +470,11 @@ def config_from_args(args) -> EvalConfig:
     if getattr(args, "extra_sources", None):
         base = load_config(EvalConfig, args.config, overrides, **fields)
         overrides.append("sources=" + json.dumps(list(base.sources) + list(args.extra_sources)))
-    cfg = load_config(EvalConfig, args.config, overrides, **fields)
-    if cfg.preset == "tiny":
-        given = _given_keys(args.config, overrides, fields)
-        extra = [f"{k}={v}" for k, v in tiny_defaults().items() if k not in given]
-        if extra:
-            log.info("preset tiny: using %s (give them to change)", " ".join(extra))
-            cfg = load_config(EvalConfig, args.config, extra + overrides, **fields)
-    return cfg
+    from vpo_ray.config import load_config_with_defaults
+    from vpo_ray.models.registry import preset_job_defaults
+
+    preset = load_config(EvalConfig, args.config, overrides, **fields).preset
+    return load_config_with_defaults(EvalConfig, args.config, overrides, preset_job_defaults(preset), **fields)
 
 
 def run(args) -> int:

@@ -255,6 +255,7 @@ def _looks_local(path: str) -> bool:
 
 
 def _load_error(model_id: str, path: str, err: BaseException, what: str) -> ModelLoadError:
+    detail = f"{type(err).__name__}: {' '.join(str(err).split())}"  # one line: the CLI shows it as is
     if _looks_local(path) and not os.path.exists(os.path.expanduser(path)):
         return ModelLoadError(f"cannot load {what} '{model_id}': local path {path} not found")
     if not _looks_local(path):
@@ -263,8 +264,8 @@ def _load_error(model_id: str, path: str, err: BaseException, what: str) -> Mode
             f"cannot load {what} '{model_id}': it is not in the local Hugging Face cache and {mode}. "
             f"Download it elsewhere (e.g. `huggingface-cli download {model_id} --local-dir /models/"
             f"{model_id.split('/')[-1]}`) and pass the local path (e.g. `optimizer=/models/...` or "
-            f"`--model PATH`), or set HF_HOME to a pre-populated cache. ({type(err).__name__}: {err})")
-    return ModelLoadError(f"cannot load {what} '{model_id}' from {path}: {type(err).__name__}: {err}")
+            f"`--model PATH`), or set HF_HOME to a pre-populated cache. ({detail})")
+    return ModelLoadError(f"cannot load {what} '{model_id}' from {path}: {detail}")
 
 
 def _import(dotted: str) -> Any:
@@ -678,3 +679,18 @@ def _cast(module, dtype):
         if t.is_floating_point():
             t.data = t.data.to(torch.float32 if keep & set(name.split(".")) else dtype)
     return module
+
+
+def preset_job_defaults(preset: str) -> dict:
+    """Job settings a preset implies unless the user sets them ({dotted key: value}).
+
+    `tiny`: the tiny T2V model's own clip size and step count, and short generations,
+    so generate/eval/demo runs finish on a laptop in minutes. Real presets: none (the
+    config dataclasses' defaults are the paper's).
+    """
+    if preset != "tiny":
+        return {}
+    t2v = get_spec("tiny", "t2v").options
+    out = {f"video.{k}": t2v[k] for k in ("num_frames", "height", "width", "num_inference_steps") if k in t2v}
+    out.update({"video.judge_frames": 2, "sampling.max_new_tokens": 24, "judge_sampling.max_new_tokens": 12})
+    return out

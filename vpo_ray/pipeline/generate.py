@@ -63,10 +63,60 @@ def fit_stages(stages: dict, cluster: dict) -> float:
     return scale
 
 
-def resolve_models(cfg: GenerateConfig) -> dict[str, str]:
-    """Model paths per role, resolved on the driver (the tiny preset builds here, once)."""
-    from vpo_ray.models.registry import get_spec, model_path
+def check_config(cfg: GenerateConfig) -> None:
+    """Refuse settings the pipeline cannot run with, naming the key, before any work starts."""
+    from vpo_ray.config import ConfigError
 
+    def need(ok: bool, key: str, rule: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {rule}, got {_get(cfg, key)!r}")
+
+    need(cfg.kind in ("sft", "dpo"), "kind", "expected 'sft' or 'dpo'")
+    need(cfg.output_format in ("parquet", "jsonl"), "output_format", "expected parquet or jsonl")
+    need(cfg.num_samples >= 1, "num_samples", "must be >= 1")
+    need(cfg.limit is None or cfg.limit >= 0, "limit", "must be >= 0 (or null for all)")
+    need(cfg.near_dup_threshold > 0, "near_dup_threshold", "must be > 0 (> 1 switches near-dedup off)")
+    need(cfg.max_query_chars >= 1, "max_query_chars", "must be >= 1")
+    need(cfg.max_pairs_per_query >= 1, "max_pairs_per_query", "must be >= 1")
+    need(bool(cfg.query_column), "query_column", "must not be empty")
+    for name in ("sampling", "judge_sampling"):
+        need(getattr(cfg, name).max_new_tokens >= 1, f"{name}.max_new_tokens", "must be >= 1")
+        need(getattr(cfg, name).temperature >= 0, f"{name}.temperature", "must be >= 0")
+        need(0 < getattr(cfg, name).top_p <= 1, f"{name}.top_p", "expected 0 < top_p <= 1")
+    for name in ("rewrite_stage", "judge_stage", "t2v_stage", "video_judge_stage"):
+        st = getattr(cfg, name)
+        need(st.min_actors >= 1, f"{name}.min_actors", "must be >= 1")
+        need(st.max_actors >= st.min_actors, f"{name}.max_actors", f"must be >= min_actors ({st.min_actors})")
+        need(st.batch_size >= 1, f"{name}.batch_size", "must be >= 1")
+        need(st.num_cpus >= 0, f"{name}.num_cpus", "must be >= 0")
+        need(st.num_gpus >= 0, f"{name}.num_gpus", "must be >= 0")
+    for key in ("num_frames", "height", "width", "num_inference_steps", "fps", "seeds_per_prompt", "judge_frames"):
+        need(getattr(cfg.video, key) >= 1, f"video.{key}", "must be >= 1")
+    ep = cfg.judge_endpoint
+    if ep.base_url is not None:
+        need(ep.base_url.startswith(("http://", "https://")), "judge_endpoint.base_url", "expected an http(s) URL")
+    need(ep.max_concurrency >= 1, "judge_endpoint.max_concurrency", "must be >= 1")
+    need(ep.max_retries >= 0, "judge_endpoint.max_retries", "must be >= 0")
+    need(ep.timeout_s > 0, "judge_endpoint.timeout_s", "must be > 0")
+    need(ep.backoff_s >= 0, "judge_endpoint.backoff_s", "must be >= 0")
+
+
+def _get(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def resolve_models(cfg: GenerateConfig) -> dict[str, str]:
+    """Model paths per role, resolved on the driver (the tiny preset builds here, once).
+
+    A given optimizer is checked here (its config only): a wrong path or an id that is not
+    cached offline fails now with ModelLoadError naming it, not later in every actor.
+    """
+    from vpo_ray.models.registry import check_config as check_model, get_spec, model_path
+
+    if cfg.optimizer:
+        check_model(cfg.optimizer)
     roles = {"optimizer": cfg.optimizer or model_path(get_spec(cfg.preset, "optimizer")),
              "judge": model_path(get_spec(cfg.preset, "judge"))}
     if cfg.kind == "dpo":
@@ -312,9 +362,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
     """Run the whole job; returns (and writes) the summary."""
     from vpo_ray.data.ingest import ingest
 
-    if cfg.kind not in ("sft", "dpo"):
-        from vpo_ray.config import ConfigError
-        raise ConfigError(f"kind: expected 'sft' or 'dpo', got {cfg.kind!r}")
+    check_config(cfg)
     t_start = time.monotonic()
     out = cfg.out
     storage.makedirs(out)
@@ -422,8 +470,12 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = load_config(GenerateConfig, args.config, args.overrides, kind=args.kind, queries=args.queries,
-                      out=args.out, preset=args.preset, optimizer=args.optimizer)
+    from vpo_ray.config import load_config_with_defaults
+    from vpo_ray.models.registry import preset_job_defaults
+
+    fields = dict(kind=args.kind, queries=args.queries, out=args.out, preset=args.preset, optimizer=args.optimizer)
+    preset = load_config(GenerateConfig, args.config, args.overrides, **fields).preset
+    cfg = load_config_with_defaults(GenerateConfig, args.config, args.overrides, preset_job_defaults(preset), **fields)
     if not cfg.queries:
         from vpo_ray.config import ConfigError
         raise ConfigError("queries: no query file given (--queries PATH or queries=PATH)")
