@@ -111,8 +111,9 @@ def build_arch_pipeline(name: str, device: str, dtype: Optional[str] = None, see
 
     Transformer and VAE come from `registry.random_init_from_config` (configs/<name>/*.json),
     constructed directly on the device (fast) under `seed`, so two builds on one device are
-    identical. The text encoder is left out; its output shape (max_sequence_length of the
-    pipeline, d_model of configs/<name>/text_encoder.json) is recorded as `_vpo_text_shape`.
+    identical; the VAE takes the registry entry's `vae_dtype` where it names one. The text
+    encoder is left out; its output shape (max_sequence_length of the pipeline, d_model of
+    configs/<name>/text_encoder.json) is recorded as `_vpo_text_shape`.
     """
     import inspect
 
@@ -125,8 +126,10 @@ def build_arch_pipeline(name: str, device: str, dtype: Optional[str] = None, see
         raise ValueError(f"model 'arch:{name}': no architecture config (known: {', '.join(arch_names())})")
     spec = registry.get_spec(name, "t2v")
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    vae_dtype = spec.option("vae_dtype") or dtype  # e.g. Wan keeps its VAE in float32, as its card does
     with torch.device(device):
-        parts = registry.random_init_from_config(spec, ["transformer", "vae"], device=device, dtype=dtype, seed=seed)
+        parts = registry.random_init_from_config(spec, ["transformer"], device=device, dtype=dtype, seed=seed)
+        parts.update(registry.random_init_from_config(spec, ["vae"], device=device, dtype=vae_dtype, seed=seed + 1))
     sched_cfg = json.loads((ARCH_DIR / name / "scheduler" / "scheduler_config.json").read_text())
     parts["scheduler"] = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
     pipe_cls = getattr(diffusers, spec.model_class.rpartition(".")[2])
@@ -371,13 +374,20 @@ class T2VRenderer:
         return kw
 
     def denoise(self, prompt: str, negative: str = "", seed: int = 0, height: Optional[int] = None,
-                width: Optional[int] = None, steps: Optional[int] = None):
-        """Run the denoising loop; returns ("latent", latents, cuda event | None) or ("frames", (C,F,H,W) in [-1,1], None)."""
+                width: Optional[int] = None, steps: Optional[int] = None, timing: Optional[dict] = None):
+        """Run the denoising loop; returns ("latent", latents, cuda event | None) or ("frames", (C,F,H,W) in [-1,1], None).
+
+        `timing`, if given, receives wait_s (waiting for the GPU's denoising slot) and denoise_s.
+        """
         import torch
 
         kw = self._call_kwargs(prompt, negative, seed, height or self.video.height, width or self.video.width,
                                steps or self.video.num_inference_steps)
+        t0 = time.perf_counter()
         with self._denoise_lock, torch.inference_mode():
+            t1 = time.perf_counter()
+            if timing is not None:
+                timing["wait_s"] = t1 - t0
             if splits_decode(self.pipe):
                 kind, out = "latent", self.pipe(output_type="latent", **kw)[0]
             else:  # (F, C, H, W) in [0, 1] -> (C, F, H, W) in [-1, 1]
@@ -385,6 +395,8 @@ class T2VRenderer:
             event = torch.cuda.Event() if self._cuda else None
             if event is not None:
                 event.record()  # the side stream waits on this before it reads `out`
+            if timing is not None:
+                timing["denoise_s"] = time.perf_counter() - t1
             return kind, out, event
 
     def decode(self, kind: str, tensor, event=None):
@@ -465,9 +477,9 @@ class T2VRenderer:
                 raise ValueError("prompt is empty")
             height, width = target_size(str(row.get("aspect_ratio") or ""), self.video.height, self.video.width,
                                         self.multiple)
-            t0 = time.perf_counter()
-            denoised = self.denoise(prompt, str(row.get("negative_prompt") or ""), int(row["seed"]), height, width)
-            t = {"denoise_s": time.perf_counter() - t0, "height": height, "width": width}
+            t = {"height": height, "width": width}
+            denoised = self.denoise(prompt, str(row.get("negative_prompt") or ""), int(row["seed"]), height, width,
+                                    timing=t)
         except Exception as e:  # noqa: BLE001
             if isinstance(e, torch.cuda.OutOfMemoryError):
                 torch.cuda.empty_cache()

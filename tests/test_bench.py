@@ -1,0 +1,137 @@
+"""`vpo bench` on the tiny preset (CPU): the harness runs, the record has its figures, the PNG is drawn.
+
+Speed is not asserted here (benchmarks/README.md holds GPU figures); these tests check that
+every benchmark completes, reports what it says it reports, and writes strict JSON + a PNG.
+"""
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+from vpo_ray.bench import flops
+from vpo_ray.bench.nvml import GpuSampler
+
+
+def _strict_load(path):
+    def bad(token):
+        raise AssertionError(f"{path}: non-standard JSON constant {token}")
+    with open(path) as f:
+        return json.load(f, parse_constant=bad)
+
+
+def _bench(capsys, *argv):
+    from vpo_ray.cli import main
+
+    assert main(["bench", *argv]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    return json.loads(printed)
+
+
+def _png_ok(path):
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.path.getsize(path) < 300_000
+
+
+def test_video_sampling_tiny(ray_session, tiny_cache, tmp_path, capsys):
+    out = tmp_path / "bench"
+    rec = _bench(capsys, "video-sampling", "--preset", "tiny", "--out", str(out), "--videos", "2", "--warmup", "1",
+                 "cache_videos=1")
+    saved = _strict_load(out / "video_sampling_tiny.json")
+    assert saved["summary"] == rec["summary"]
+    assert rec["video"]["num_frames"] == 9 and rec["device"]["name"] and rec["versions"]["torch"]
+    assert "warm-up" in rec["warmup_note"] and rec["text_encoder"]
+    for variant in ("baseline", "optimized"):
+        r = rec[variant]
+        assert "error" not in r, r
+        assert r["seconds_per_video"] > 0 and r["dit_step_s"] > 0 and r["vae_decode_s"] > 0 and r["videos_per_s"] > 0
+        assert r["dit_tflops"] >= 0 and len(r["per_video"]) == r["videos"]
+    assert rec["optimized"]["vs_baseline"]["max_abs_diff_uint8"] <= 1  # fused QKV in fp32: same frames
+    ray = rec["ray"]
+    assert ray["errors"] == [] and ray["videos_per_s"] > 0 and ray["ratio_vs_bare_loop"] > 0
+    assert ray["psnr_vs_bare_loop_mp4_db"] == "inf"  # same weights, seed and kernels: identical mp4 frames
+    cache = rec["cache"]["cache=taylorseer-lite:6"]
+    assert cache["seconds_per_video"] > 0 and len(cache["psnr_vs_optimized_db"]) == 1
+    assert "skipped" in rec["memory"]  # no CUDA here
+    assert rec["summary"]["ray_vs_bare"] == ray["ratio_vs_bare_loop"]
+    _png_ok(rec["png"])
+
+
+def test_llm_stages_tiny(tiny_cache, tmp_path, capsys):
+    rec = _bench(capsys, "llm-stages", "--preset", "tiny", "--out", str(tmp_path), "llm.prompts=4",
+                 "llm.batch_size=2", "llm.max_new_tokens=4", "llm.prompt_tokens=[12,30]")
+    m = rec["models"]["tiny-optimizer"]
+    for mode, bs in (("naive", 1), ("batched", 2)):
+        assert m[mode]["batch_size"] == bs
+        assert m[mode]["rewrite_tokens_per_s"] > 0 and m[mode]["judge_prompt_tokens_per_s"] > 0
+    assert m["prompts"] == 4 and 4 * 12 <= m["prompt_tokens"] <= 4 * 30
+    _strict_load(tmp_path / "llm_stages_tiny.json")
+    _png_ok(rec["png"])
+
+
+def test_train_step_tiny(tiny_cache, tmp_path, capsys):
+    rec = _bench(capsys, "train-step", "--preset", "tiny", "--out", str(tmp_path), "train.steps=2",
+                 "train.seq_len=24", "train.batch_size=2")
+    sft, dpo = rec["methods"]["sft"], rec["methods"]["dpo"]
+    assert sft["tokens_per_step"] == 48 and dpo["tokens_per_step"] == 96  # DPO counts chosen + rejected
+    assert sft["tokens_per_s"] > 0 and dpo["tokens_per_s"] > 0 and len(dpo["losses"]) == 2
+    assert abs(dpo["losses"][0] - 0.6931) < 0.05  # log 2 at the start: policy == reference
+    _png_ok(rec["png"])
+
+
+def test_bad_settings_are_named(tmp_path, capsys):
+    from vpo_ray.cli import main
+
+    assert main(["bench", "video-sampling", "--out", str(tmp_path), "videos=one"]) == 2
+    assert "videos" in capsys.readouterr().err
+    assert main(["bench", "video-sampling", "--out", str(tmp_path), "variants=[baseline,turbo]"]) == 2
+    assert "'turbo'" in capsys.readouterr().err
+
+
+def test_flops_cogvideox_2b_matches_hand_count():
+    import json as _json
+    from pathlib import Path
+
+    cfg = _json.loads((Path(flops.__file__).parent.parent / "models" / "configs" / "cogvideox-2b" /
+                       "transformer.json").read_text())
+    f = flops.dit_flops("CogVideoXTransformer3DModel", cfg, num_frames=49, height=480, width=720, guidance_scale=6.0)
+    n, d = 13 * 30 * 45 + 226, 1920
+    assert f["video_tokens"] == 17550 and f["attention_tokens"] == n
+    per_layer = 24 * n * d * d + 4 * n * n * d
+    assert 30 * per_layer < f["per_forward"] < 1.01 * 30 * per_layer  # embeddings add well under 1%
+    assert f["per_step"] == 2 * f["per_forward"] and 2.3e14 < f["per_step"] < 2.5e14
+    wan = _json.loads((Path(flops.__file__).parent.parent / "models" / "configs" / "wan2.1-t2v-1.3b" /
+                       "transformer.json").read_text())
+    w = flops.dit_flops("WanTransformer3DModel", wan, num_frames=81, height=480, width=832, guidance_scale=5.0)
+    assert w["video_tokens"] == 21 * 30 * 52 and w["cfg_passes"] == 2
+    assert flops.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4 and flops.peak_tflops("cpu") is None
+
+
+def test_gpu_sampler_reads_nvidia_smi_when_nvml_is_missing(tmp_path, monkeypatch):
+    import sys
+    import time
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\nwhile true; do echo '87, 1024'; sleep 0.05; done\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml -> ImportError
+    t0 = time.time()
+    with GpuSampler(interval_s=0.05) as s:
+        time.sleep(0.5)
+    w = s.window(t0, time.time())
+    assert s.source == "nvidia-smi" and w["samples"] >= 3
+    assert w["busy_fraction"] == pytest.approx(0.87) and w["mem_used_max_gib"] == pytest.approx(1.0)
+
+
+def test_gpu_sampler_without_any_gpu_tool(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    with GpuSampler() as s:
+        pass
+    assert s.source == "none" and s.window(0, 1e12)["busy_fraction"] is None

@@ -1,0 +1,46 @@
+"""`vpo bench video-sampling|llm-stages|train-step`: print one JSON record, write it and a PNG under --out.
+
+    vpo bench video-sampling --preset cogvideox-2b --out runs/bench --videos 3 baseline=[vae-tiling]
+    vpo bench llm-stages --preset tiny --out runs/bench llm.prompts=4
+    vpo bench train-step --preset tiny --out runs/bench train.steps=2
+
+`--preset tiny` runs everything on CPU in CI time (the harness, not speed); any other
+preset or registry name builds the real architecture with random weights. Further
+settings are `key=value` overrides of `BenchConfig` (vpo_ray/config.py).
+"""
+from __future__ import annotations
+
+import argparse
+
+BENCHMARKS = ("video-sampling", "llm-stages", "train-step")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", choices=BENCHMARKS, help="which benchmark")
+    parser.add_argument("--preset", default=None, help="tiny | a registry model name (default: tiny)")
+    parser.add_argument("--out", default=None, help="output directory (default runs/bench)")
+    parser.add_argument("--videos", type=int, default=None, help="timed videos per variant (video-sampling)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up runs per variant, excluded from figures")
+    parser.add_argument("--config", default=None, help="YAML file with BenchConfig fields")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="BenchConfig overrides")
+
+
+def run_bench(cfg) -> dict:
+    if cfg.name == "video-sampling":
+        from vpo_ray.bench import video_sampling as mod
+    elif cfg.name == "llm-stages":
+        from vpo_ray.bench import llm_stages as mod
+    else:
+        from vpo_ray.bench import train_step as mod
+    return mod.run(cfg)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vpo_ray.bench.common import print_record
+    from vpo_ray.config import BenchConfig, load_config
+
+    cfg = load_config(BenchConfig, args.config, args.overrides, name=args.name, preset=args.preset, out=args.out,
+                      videos=args.videos, warmup=args.warmup)
+    record = run_bench(cfg)
+    print_record(record)
+    return 0

@@ -1,0 +1,117 @@
+"""One PNG per benchmark record (matplotlib, Agg backend; small files: ~100 dpi)."""
+from __future__ import annotations
+
+import io
+from typing import Optional
+
+from vpo_ray import storage
+
+
+def _figure(rows: int, cols: int, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False)
+    fig.suptitle(title, fontsize=10)
+    return fig, axes
+
+
+def _save(fig, uri: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    storage.write_bytes(uri, buf.getvalue())
+
+
+def _empty(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=9, transform=ax.transAxes)
+    ax.set_axis_off()
+
+
+def plot_video_sampling(rec: dict, trace: list, uri: str) -> None:
+    """Seconds per video by part, videos/s bare vs Ray, GPU utilization over time, peak memory by mode."""
+    dev = (rec.get("device") or {}).get("name", "?")
+    v = rec.get("video") or {}
+    fig, ax = _figure(2, 2, f"video-sampling {rec.get('preset')} on {dev}: {v.get('num_frames')}x{v.get('height')}x"
+                            f"{v.get('width')}, {v.get('num_inference_steps')} steps, CFG {v.get('guidance_scale')}")
+    # (a) seconds per video, stacked by part
+    variants = [(k, rec[k]) for k in ("baseline", "optimized") if isinstance(rec.get(k), dict) and "denoise_s" in rec[k]]
+    variants += [(k, r) for k, r in (rec.get("cache") or {}).items() if "denoise_s" in r]
+    a = ax[0][0]
+    if variants:
+        names = [k.replace("cache=", "") for k, _ in variants]
+        bottom = [0.0] * len(variants)
+        for part, color in (("denoise_s", "tab:blue"), ("vae_decode_s", "tab:orange"), ("mp4_encode_s", "tab:green")):
+            vals = [r.get(part) or 0.0 for _, r in variants]
+            a.bar(names, vals, bottom=bottom, color=color, label=part.replace("_s", ""))
+            bottom = [b + x for b, x in zip(bottom, vals)]
+        for i, total in enumerate(bottom):
+            a.text(i, total, f"{total:.2f}s", ha="center", va="bottom", fontsize=8)
+        a.set_ylabel("seconds per video")
+        a.legend(fontsize=7)
+        a.tick_params(axis="x", labelsize=7)
+    else:
+        _empty(a, "no timed variant")
+    # (b) videos/s: bare loop vs Ray Data stage
+    b = ax[0][1]
+    bare = (rec.get("optimized") or {}).get("videos_per_s")
+    ray = (rec.get("ray") or {}).get("videos_per_s")
+    if bare or ray:
+        b.bar(["bare loop", "Ray Data stage"], [bare or 0, ray or 0], color=["tab:gray", "tab:purple"])
+        ratio = (rec.get("ray") or {}).get("ratio_vs_bare_loop")
+        b.set_title(f"steady-state videos/s (Ray / bare = {ratio})", fontsize=9)
+        b.set_ylabel("videos per second")
+    else:
+        _empty(b, "no throughput measured")
+    # (c) GPU utilization over time
+    c = ax[1][0]
+    if trace:
+        c.plot([t for t, _ in trace], [u for _, u in trace], lw=0.6)
+        c.set_xlabel("seconds since start")
+        c.set_ylabel("GPU utilization %")
+        c.set_ylim(0, 105)
+        busy = {k: ((rec.get(k) or {}).get("gpu") or {}).get("busy_fraction") for k in ("optimized", "ray")}
+        c.set_title("NVML utilization; steady-state busy: " + ", ".join(
+            f"{k} {x:.2f}" for k, x in busy.items() if x is not None), fontsize=9)
+    else:
+        _empty(c, f"no GPU utilization samples ({rec.get('gpu_sampler', 'none')})")
+    # (d) peak memory by mode
+    d = ax[1][1]
+    modes = {m: r for m, r in ((rec.get("memory") or {}).get("modes") or {}).items() if r.get("peak_allocated_gib")}
+    if modes:
+        d.barh(list(modes), [r["peak_allocated_gib"] for r in modes.values()], color="tab:red")
+        d.set_xlabel("peak GPU memory allocated, GiB (one video)")
+        d.tick_params(axis="y", labelsize=7)
+    else:
+        _empty(d, "no memory probes (" + str((rec.get("memory") or {}).get("skipped", "not run")) + ")")
+    _save(fig, uri)
+
+
+def plot_bars(title: str, groups: dict, ylabel: str, uri: str, note: Optional[str] = None) -> None:
+    """Grouped bars: {group: {series: value}} (llm-stages, train-step)."""
+    fig, ax = _figure(1, 1, title)
+    a = ax[0][0]
+    series = sorted({s for g in groups.values() for s in g})
+    if not groups or not series:
+        _empty(a, "nothing measured")
+        _save(fig, uri)
+        return
+    width = 0.8 / len(series)
+    for j, s in enumerate(series):
+        xs = [i + j * width for i in range(len(groups))]
+        vals = [(g.get(s) or 0.0) for g in groups.values()]
+        a.bar(xs, vals, width=width, label=s)
+        for x, val in zip(xs, vals):
+            a.text(x, val, f"{val:.0f}", ha="center", va="bottom", fontsize=7)
+    a.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(groups))])
+    a.set_xticklabels(list(groups), fontsize=8)
+    a.set_ylabel(ylabel)
+    a.legend(fontsize=8)
+    if note:
+        a.set_title(note, fontsize=8)
+    _save(fig, uri)
