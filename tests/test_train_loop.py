@@ -1,0 +1,35 @@
+"""`vpo loop` settings: prefixed overrides and YAML sections reach the right stage.
+
+The loop itself (SFT round, then a DPO round from the SFT export, on Ray) runs in
+tests/test_train.py, where it is the ZeRO-2 SFT-then-DPO run.
+"""
+from __future__ import annotations
+
+import pytest
+
+from vpo_ray.config import ConfigError
+from vpo_ray.train.loop import run_loop, split_overrides
+
+
+def test_split_overrides_by_stage(tmp_path):
+    cfg = tmp_path / "loop.yaml"
+    cfg.write_text("train:\n  learning_rate: 1.0e-4\nsft:\n  max_steps: 3\ngenerate:\n  video:\n    fps: 4\n")
+    values, over = split_overrides(["gen.num_samples=4", "dpo.beta=0.2", "train.num_workers=1"], str(cfg))
+    assert over == {"generate": ["num_samples=4"], "train": ["num_workers=1"], "sft": [], "dpo": ["beta=0.2"]}
+    assert values["train"] == {"learning_rate": 1e-4} and values["sft"] == {"max_steps": 3}
+    assert values["generate"] == {"video.fps": 4}
+    with pytest.raises(ConfigError, match="prefix"):
+        split_overrides(["max_steps=3"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("serve:\n  port: 1\n")
+    with pytest.raises(ConfigError, match="unknown section 'serve'"):
+        split_overrides([], str(bad))
+
+
+def test_bad_stage_setting_fails_before_any_work(tmp_path):
+    calls = []
+    with pytest.raises(ConfigError, match="deepspeed_stage"):
+        run_loop(1, str(tmp_path / "q.jsonl"), str(tmp_path / "out"), overrides=["train.deepspeed_stage=1"],
+                 generate_fn=lambda cfg: calls.append(cfg) or {"output": cfg.out},
+                 train_fn=lambda cfg: calls.append(cfg) or {})
+    assert calls == []  # refused before the first set was built
