@@ -34,8 +34,6 @@ PAPER_DEFAULTS = {  # VPO paper hyper-parameters (full fine-tune)
 }
 HF_CKPT = "checkpoint"  # the HF checkpoint's folder name inside a Ray checkpoint (as RayTrainReportCallback)
 FAULT_MARKER = ".fault_injected"
-# Per-step keys copied to metrics.jsonl when present (TRL adds more; they are kept too).
-STEP_KEYS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second", "num_tokens")
 
 
 def resolved(cfg: TrainConfig, key: str) -> Any:
