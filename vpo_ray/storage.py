@@ -130,7 +130,9 @@ def write_jsonl(uri: str, rows: Iterable[dict]) -> int:
 def read_jsonl(uri: str) -> Iterator[dict]:
     if not exists(uri):
         return iter(())
-    return (json.loads(line) for line in read_text(uri).splitlines() if line.strip())
+    # split on "\n" only: str.splitlines also breaks at U+2028, U+0085 and friends, which
+    # json.dumps(ensure_ascii=False) leaves unescaped inside strings (model output has them).
+    return (json.loads(line) for line in read_text(uri).split("\n") if line.strip())
 
 
 def listdir(uri: str) -> list[str]:

@@ -430,7 +430,7 @@ def _read_json(text: str, source: str, column: str) -> list[tuple[int, Any]]:
 
 def _read_jsonl(text: str, source: str, column: str) -> list[tuple[int, Any]]:
     rows = []
-    for i, line in enumerate(text.splitlines()):  # row = 0-based line number; blank lines skipped
+    for i, line in enumerate(text.split("\n")):  # row = 0-based line number; blank lines skipped; not splitlines: U+2028 is data
         if not line.strip():
             continue
         try:
