@@ -25,6 +25,6 @@ browser:
 	  || echo "chromium could not be installed: the report browser test will be skipped"
 
 test: install browser
-	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
 
 .PHONY: install browser demo test
