@@ -451,6 +451,11 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     if unknown:
         raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))})")
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [k for k in required if k not in kwargs]
+    if missing:
+        raise ConfigError(f"missing config key '{prefix}{missing[0]}'")
     return cls(**kwargs)
 
 
@@ -493,7 +498,10 @@ def load_config(cls: type, path: Optional[str | Path] = None, overrides: Optiona
         if not p.exists():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError) as e:
+            why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else (e.strerror or str(e))
+            raise ConfigError(f"config file {p} cannot be read: {why}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
         if not isinstance(loaded, dict):

@@ -43,6 +43,7 @@ from typing import Optional
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.metrics import Counter, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -277,8 +278,10 @@ class OptimizerAPI:
             retry = e.retry_after_s if e.retry_after_s is not None else self.cfg.retry_after_s
             raise v.ApiError(503, None, "the optimizer is over capacity; retry later", kind="overloaded",
                              headers={"Retry-After": str(max(1, math.ceil(retry)))}) from None
-        except DeploymentUnavailableError:
-            raise v.ApiError(503, None, "the optimizer is not available", kind="unavailable",
+        except (DeploymentUnavailableError, RayActorError):
+            # RayActorError: the replica holding this request died (a crash, a lost node). Nothing
+            # was returned, so the request is safe to send again: 503 tells clients to retry.
+            raise v.ApiError(503, None, "the optimizer is not available; retry", kind="unavailable",
                              headers={"Retry-After": str(max(1, math.ceil(self.cfg.retry_after_s)))}) from None
         except asyncio.TimeoutError:
             response.cancel()

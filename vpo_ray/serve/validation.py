@@ -4,7 +4,9 @@ Pure Python (no Ray, no FastAPI) so the rules are unit-tested directly. Status c
 400 malformed JSON, 413 body over `max_body_bytes`, 422 a field of the wrong type, out of
 range, missing or unknown. The error body is always
 `{"error": {"field": ..., "message": ..., "type": ..., "param": ...}}` (`param` and
-`type` make it read as an OpenAI error too). Messages never echo credentials.
+`type` make it read as an OpenAI error too). Messages name fields, types and limits; they
+never repeat text a caller sent (credentials included), only an out-of-range number or an
+unknown field's name cut to 64 characters.
 """
 from __future__ import annotations
 
@@ -200,8 +202,9 @@ def parse_chat(doc: dict, cfg: ServeConfig, served_model: str) -> tuple[Optimize
     if not isinstance(model, str):
         raise invalid("model", f"'model' must be a string, got {_json_type(model)}")
     if model != served_model:
-        raise ApiError(404, "model", f"model '{model[:100]}' is not served here (try GET /v1/models)",
-                       kind="model_not_found")
+        # the requested name is not echoed: error bodies never repeat request values
+        raise ApiError(404, "model", f"the requested model is not served here; this server serves "
+                       f"'{served_model}' (GET /v1/models)", kind="model_not_found")
     if doc.get("stream") not in (None, False):
         raise invalid("stream", "'stream' must be false: streaming is not supported")
     if doc.get("user") is not None and not isinstance(doc["user"], str):
