@@ -125,6 +125,9 @@ def test_read_only_output(sft_queries, tmp_path, capsys, rel):
     assert "Read-only" in err
 
 
+# Timing fault: on a fast run the job can finish writing before the filler has filled the
+# disk (the run then exits 0); such an attempt proves nothing either way, so it is re-run.
+@pytest.mark.flaky(reruns=2)
 def test_disk_fills_up_mid_run_then_frees(sft_reference, sft_queries, tmp_path, rel):
     """The disk fills once the first part file is written: the job stops with a clear error,
     leaves only complete files, and a rerun after the space frees resumes to the same set."""
