@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -69,3 +70,17 @@ def actor_pids(name_part: str) -> list[int]:
 @pytest.fixture
 def find_actor_pids(ray_session):
     return actor_pids
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on right now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def pick_free_port():
+    # A fixture, not an import: tests/reliability has its own conftest, which shadows
+    # `import conftest` there. Session scope so module-scoped server fixtures can use it.
+    return free_port

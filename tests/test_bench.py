@@ -56,6 +56,7 @@ def test_video_sampling_tiny(ray_session, tiny_cache, tmp_path, capsys):
     cache = rec["cache"]["cache=taylorseer-lite:6"]
     assert cache["seconds_per_video"] > 0 and len(cache["psnr_vs_optimized_db"]) == 1
     assert "skipped" in rec["memory"]  # no CUDA here
+    assert "skipped" in rec["quantized"]["linear=fp8"]  # FP8 GEMMs: CUDA only
     assert rec["summary"]["ray_vs_bare"] == ray["ratio_vs_bare_loop"]
     _png_ok(rec["png"])
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from vpo_ray import schema
-from vpo_ray.data.ingest import IngestError, Invalid, ingest, near_duplicates, parse_query, read_queries, validate_raw
+from vpo_ray.data.ingest import IngestError, Invalid, ingest, parse_query, read_queries, validate_raw
+from vpo_ray.data.minhash import near_duplicates
 
 DATA = Path(__file__).parent / "data"
 REAL_QUERIES = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "vpo_sft_queries.json"

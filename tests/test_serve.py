@@ -7,7 +7,6 @@ import concurrent.futures as cf
 import http.server
 import json
 import os
-import socket
 import threading
 import time
 from pathlib import Path
@@ -22,12 +21,6 @@ MAX_QUERY_CHARS = 500
 MAX_BODY = 8192
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def optimizer_dir(tiny_cache):
     """The tiny preset's optimizer, built once in the session cache (replicas load the path)."""
@@ -37,12 +30,12 @@ def optimizer_dir(tiny_cache):
 
 
 @pytest.fixture(scope="module")
-def server(ray_session, optimizer_dir, tmp_path_factory):
+def server(ray_session, optimizer_dir, tmp_path_factory, pick_free_port):
     from ray import serve
 
     from vpo_ray.serve.app import config_from_args, start
 
-    port = _free_port()
+    port = pick_free_port()
     cfg = config_from_args({
         "model": optimizer_dir, "port": port, "max_new_tokens": 24, "max_n": MAX_N, "max_batch_size": 8,
         "batch_wait_timeout_s": 0.05, "max_ongoing_requests": 8, "max_queued_requests": 8, "retry_after_s": 2,

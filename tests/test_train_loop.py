@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from vpo_ray.config import ConfigError
+from vpo_ray.config import ConfigError, GenerateConfig
+from vpo_ray.models.registry import preset_job_defaults
 from vpo_ray.train.loop import run_loop, split_overrides
 
 
@@ -33,3 +34,24 @@ def test_bad_stage_setting_fails_before_any_work(tmp_path):
                  generate_fn=lambda cfg: calls.append(cfg) or {"output": cfg.out},
                  train_fn=lambda cfg: calls.append(cfg) or {})
     assert calls == []  # refused before the first set was built
+
+
+def test_preset_job_defaults_reach_every_generate_stage_and_user_settings_win(tmp_path):
+    cfg = tmp_path / "loop.yaml"
+    cfg.write_text("generate:\n  sampling:\n    max_new_tokens: 7\n")
+    gens = []
+
+    def run(preset, overrides=(), config_path=None):
+        gens.clear()
+        run_loop(1, str(tmp_path / "q.jsonl"), str(tmp_path / preset), preset=preset, overrides=list(overrides),
+                 config_path=config_path, generate_fn=lambda c: gens.append(c) or {"output": c.out},
+                 train_fn=lambda c: {"model": str(tmp_path / "model")})
+        return gens
+
+    tiny = preset_job_defaults("tiny")
+    for g in run("tiny", ["gen.video.num_frames=5"], str(cfg)):  # the SFT set, then the DPO set
+        assert g.video.num_frames == 5 and g.sampling.max_new_tokens == 7  # override, YAML
+        assert g.video.height == tiny["video.height"] and g.judge_sampling.max_new_tokens == 12  # preset
+    assert [g.kind for g in gens] == ["sft", "dpo"]
+    assert preset_job_defaults("paper") == {}
+    assert all(g.video == GenerateConfig().video for g in run("paper"))  # no defaults: the paper's

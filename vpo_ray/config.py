@@ -364,11 +364,13 @@ class BenchConfig:
     device: Optional[str] = None  # None: cuda if available, else cpu
     dtype: Optional[str] = None  # None: bfloat16 on GPU, float32 on CPU
     video: BenchVideoConfig = BenchVideoConfig()
-    variants: tuple[str, ...] = ("baseline", "attention", "optimized", "ray", "cache", "memory")
+    variants: tuple[str, ...] = ("baseline", "attention", "optimized", "ray", "quantized", "cache", "memory")
     baseline: tuple[str, ...] = ()  # flags of the naive path (vpo_ray.pipeline.t2v.OPTIMIZATIONS)
     baseline_videos: int = 1  # the naive path is slow; one video gives its per-video and per-step time
     optimizations: tuple[str, ...] = ("fuse-qkv", "attn=cudnn", "compile")  # exact (no step skipping)
     attention_fused_too: bool = True  # attention variant: time each kernel without and with fused QKV
+    # each a comma-joined flag set swapped into `optimizations` (no step skipped; FP8 precision)
+    quantized: tuple[str, ...] = ("linear=fp8",)
     caches: tuple[str, ...] = ("cache=taylorseer-lite:6",)  # each timed as optimizations + this flag
     cache_videos: int = 2
     memory_modes: tuple[str, ...] = ("vae-tiling", "offload=model,vae-tiling", "offload=sequential,vae-tiling")
@@ -380,7 +382,7 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.name not in ("video-sampling", "llm-stages", "train-step"):
             raise ConfigError(f"name: expected video-sampling | llm-stages | train-step, got {self.name!r}")
-        known = ("baseline", "attention", "optimized", "ray", "cache", "memory")
+        known = ("baseline", "attention", "optimized", "ray", "quantized", "cache", "memory")
         for v in self.variants:
             if v not in known:
                 raise ConfigError(f"variants: unknown variant {v!r} (known: {', '.join(known)})")

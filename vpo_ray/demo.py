@@ -19,12 +19,11 @@ from vpo_ray import storage
 
 log = logging.getLogger("vpo.demo")
 
-# Small enough for a 2-core laptop in a few minutes; every stage still runs for real.
+# Small enough for a 2-core laptop in a few minutes; every stage still runs for real. Clip
+# size and generation lengths come from the tiny preset's job defaults (run_loop applies them).
 TINY_OVERRIDES = [
-    "gen.num_samples=2", "gen.sampling.max_new_tokens=24", "gen.judge_sampling.max_new_tokens=12",
-    "gen.rewrite_stage.batch_size=8", "gen.judge_stage.batch_size=8",
-    "gen.video.num_frames=9", "gen.video.height=32", "gen.video.width=32", "gen.video.num_inference_steps=2",
-    "gen.video.judge_frames=2", "gen.video.seeds_per_prompt=1", "gen.video_judge_stage.batch_size=4",
+    "gen.num_samples=2", "gen.rewrite_stage.batch_size=8", "gen.judge_stage.batch_size=8",
+    "gen.video.seeds_per_prompt=1", "gen.video_judge_stage.batch_size=4",
     "train.num_workers=2", "train.deepspeed_stage=2", "train.max_length=384", "train.save_steps=4",
     "sft.max_steps=8", "sft.learning_rate=1e-4", "dpo.max_steps=8", "dpo.learning_rate=5e-5",
 ]

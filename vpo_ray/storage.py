@@ -10,10 +10,14 @@ import json
 import os
 import posixpath
 import tempfile
+import time
 import uuid
 from typing import Any, Iterable, Iterator
 
 import fsspec
+
+
+TMP_PREFIX = ".tmp-"  # every local atomic write goes through a temp file named so (see sweep_tmp)
 
 
 class StorageError(OSError):
@@ -72,7 +76,7 @@ def write_bytes(uri: str, data: bytes) -> None:
             path = _local(uri)
             d = os.path.dirname(path) or "."
             os.makedirs(d, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+            fd, tmp = tempfile.mkstemp(dir=d, prefix=TMP_PREFIX, suffix=os.path.basename(path))
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
@@ -89,6 +93,36 @@ def write_bytes(uri: str, data: bytes) -> None:
                 f.write(data)
     except OSError as e:
         raise StorageError(f"cannot write {uri}: {e.strerror or e}") from e
+
+
+def sweep_tmp(directory: str, older_than_s: float = 3600) -> int:
+    """Delete the temp files of atomic writes older than `older_than_s` in `directory`
+    (not below it); returns how many went.
+
+    A process killed between a temp file's write and its rename leaves the temp behind,
+    and nothing else ever deletes it. Younger ones stay: a live writer (another actor, a
+    second run on the same output) may still own them. Object stores get one PUT and no
+    temp, so remote URIs have nothing to sweep. Best effort: a file that cannot be
+    removed is left for the next sweep.
+    """
+    if not is_local(directory):
+        return 0
+    cutoff = time.time() - older_than_s
+    removed = 0
+    try:
+        with os.scandir(_local(directory)) as it:
+            entries = list(it)
+    except OSError:  # missing or unreadable: the run's own writes will report a real problem
+        return 0
+    for e in entries:
+        try:
+            if (e.name.startswith(TMP_PREFIX) and e.is_file(follow_symlinks=False)
+                    and e.stat(follow_symlinks=False).st_mtime < cutoff):
+                os.unlink(e.path)
+                removed += 1
+        except OSError:  # renamed or removed by its writer meanwhile
+            continue
+    return removed
 
 
 def write_text(uri: str, text: str) -> None:

@@ -96,7 +96,7 @@ def write_mp4(frames: Any, uri: str, fps: float = 8, crf: int = DEFAULT_CRF) -> 
     try:
         if tmp_dir:
             os.makedirs(tmp_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=".tmp-", suffix=".mp4")
+        fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=storage.TMP_PREFIX, suffix=".mp4")
         os.close(fd)
     except OSError as e:
         raise VideoIOError(f"cannot write {uri}: {e.strerror or e}") from e

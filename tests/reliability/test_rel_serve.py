@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 import time
 
@@ -27,12 +26,6 @@ MAX_QUERY = 600
 MAX_N = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def running_replicas() -> int:
     from ray import serve
 
@@ -41,13 +34,13 @@ def running_replicas() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(ray_session, tiny_cache):
+def server(ray_session, tiny_cache, pick_free_port):
     from ray import serve
 
     from vpo_ray.models import registry
     from vpo_ray.serve.app import config_from_args, start
 
-    port = _free_port()
+    port = pick_free_port()
     cfg = config_from_args({
         "model": registry.model_path(registry.get_spec("tiny", "optimizer")), "port": port, "app_name": APP,
         "max_new_tokens": 12, "max_n": MAX_N, "max_batch_size": 4, "max_ongoing_requests": 8,

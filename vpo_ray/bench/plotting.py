@@ -41,6 +41,7 @@ def plot_video_sampling(rec: dict, trace: list, uri: str) -> None:
                             f"{v.get('width')}, {v.get('num_inference_steps')} steps, CFG {v.get('guidance_scale')}")
     # (a) seconds per video, stacked by part
     variants = [(k, rec[k]) for k in ("baseline", "optimized") if isinstance(rec.get(k), dict) and "denoise_s" in rec[k]]
+    variants += [(k, r) for k, r in (rec.get("quantized") or {}).items() if "denoise_s" in r]
     variants += [(k, r) for k, r in (rec.get("cache") or {}).items() if "denoise_s" in r]
     a = ax[0][0]
     if variants:

@@ -11,6 +11,8 @@ run in this order in one process (`variants` picks a subset):
   optimized  flags `optimizations` (exact: fused QKV, attention kernel, compile): the same plain loop,
              the "bare loop" the Ray stage is compared with
   ray        the same flags + "overlap" through `t2v.stage` (one actor, same GPU, prompts and seeds)
+  quantized  optimized with each `quantized` flag set swapped in (e.g. FP8 linears: no step skipped,
+             lower precision); PSNR and latent rel-L2 against baseline and optimized
   cache      optimized + each training-free cache flag; PSNR against the optimized frames, same seeds
   memory     peak GPU memory of one video under each memory mode (tiling, model / sequential offload)
 
@@ -41,7 +43,7 @@ PROMPTS = (
     "A sailboat glides across a calm lake at dawn, mist on the water, wide aerial shot slowly pulling back.",
     "A ballerina spins on a dark stage under a single spotlight, her dress flowing, slow dolly in.",
 )
-GPU_ONLY_FLAGS = ("compile", "attn")
+GPU_ONLY_FLAGS = ("compile", "attn", "linear")
 
 
 def resolve_model(preset: str):
@@ -268,6 +270,24 @@ class VideoSamplingBench:
             result["speedup_vs_optimized"] = round(exact / result["seconds_per_video"], 2)
         return result
 
+    def quantized_variant(self, flag_set: str, n: int) -> dict:
+        """optimizations with the flags of `flag_set` ("linear=fp8", "attn=flash,linear=fp8") replacing same-named ones."""
+        if not self.cuda:
+            return {"skipped": "FP8 GEMMs need CUDA"}
+        swap = [f for f in flag_set.split(",") if f]
+        names = {f.partition("=")[0] for f in swap}
+        flags = tuple(f for f in self.optimizations if f.partition("=")[0] not in names) + tuple(swap)
+        result = self.plain_loop(flag_set, flags, n)
+        result["flags"] = list(flags)
+        for ref in ("optimized", "baseline"):
+            if self.frames.get(ref) and self.frames.get(flag_set):
+                result[f"vs_{ref}"] = compare(self.frames[ref][0], self.frames[flag_set][0],
+                                              self.latents.get(ref), self.latents.get(flag_set))
+        exact = (self.record.get("optimized") or {}).get("seconds_per_video")
+        if exact and result.get("seconds_per_video"):
+            result["speedup_vs_optimized"] = round(exact / result["seconds_per_video"], 3)
+        return result
+
     def memory(self) -> dict:
         if not self.cuda:
             return {"skipped": "peak GPU memory needs CUDA"}
@@ -328,7 +348,7 @@ class VideoSamplingBench:
             "config": {"videos": cfg.videos, "warmup": cfg.warmup, "warmup_steps": cfg.warmup_steps,
                        "dtype": cfg.dtype or ("bfloat16" if self.cuda else "float32"), "variants": list(cfg.variants),
                        "baseline": list(cfg.baseline), "optimizations": list(self.optimizations),
-                       "caches": list(cfg.caches)},
+                       "quantized": list(cfg.quantized), "caches": list(cfg.caches)},
             "warmup_note": f"each variant first renders {cfg.warmup} warm-up clip(s) of {cfg.warmup_steps} steps, "
                            "excluded from all figures",
         }
@@ -364,6 +384,10 @@ class VideoSamplingBench:
             common.guarded(rec, "attention", self.attention)
         elif variant == "ray":
             common.guarded(rec, "ray", lambda: self.ray_stage(cfg.videos))
+        elif variant == "quantized":
+            rec["quantized"] = {}
+            for flag_set in cfg.quantized:
+                common.guarded(rec["quantized"], flag_set, lambda f=flag_set: self.quantized_variant(f, cfg.videos))
         elif variant == "cache":
             rec["cache"] = {}
             for flag in cfg.caches:
@@ -428,6 +452,10 @@ def summarize(rec: dict) -> dict:
     out["ray_vs_bare"] = get("ray", "ratio_vs_bare_loop")
     out["ray_gpu_busy"] = get("ray", "gpu", "busy_fraction")
     out["optimized_vs_baseline_psnr_db"] = get("optimized", "vs_baseline", "psnr_db")
+    for flag_set, res in (rec.get("quantized") or {}).items():
+        out[f"{flag_set}_s_per_video"] = res.get("seconds_per_video")
+        out[f"{flag_set}_dit_step_s"] = res.get("dit_step_s")
+        out[f"{flag_set}_psnr_vs_baseline_db"] = (res.get("vs_baseline") or {}).get("psnr_db")
     for flag, res in (rec.get("cache") or {}).items():
         out[f"{flag}_s_per_video"] = res.get("seconds_per_video")
         out[f"{flag}_psnr_db"] = res.get("psnr_vs_optimized_db")

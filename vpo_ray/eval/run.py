@@ -158,25 +158,17 @@ class TextJudge(Critic):
             prefills = [prompts.JUDGE_ANSWER_PREFIX] * len(msgs)
         out = []
         for p, r, s in zip(engine.yes_probability(msgs, prefills), reasons, seeds):
-            verdict = bool(self.backend._decide(float(p), s))  # the main verdict's rule: greedy, or sampled at T
+            verdict = bool(self.backend.decide(float(p), s))  # the main verdict's rule: greedy, or sampled at T
             out.append({"verdict": verdict, "confidence": float(p if verdict else 1 - p), "reasons": r})
         return out
 
 
 def _ask_http(judge, msgs: list[list[dict]]) -> list[dict]:
-    from vpo_ray.pipeline.judge_http import EndpointError, Failure
-
-    def one(m):
-        def call():
-            parsed = prompts.parse_judgement(judge._chat(m))
-            if isinstance(parsed, prompts.ParseFailure):
-                raise EndpointError(f"malformed judge output: {parsed.reason}")
-            return {"verdict": parsed.verdict, "confidence": 1.0, "reasons": parsed.reasons}
-
-        res = judge._with_retries(call)
-        return {"error": str(res)} if isinstance(res, Failure) else res
-
-    return judge._map(one, msgs)
+    out = []
+    for v in judge.verdicts(msgs):
+        out.append({"error": v} if isinstance(v, str)
+                   else {"verdict": v.verdict, "confidence": v.confidence, "reasons": v.reasons})
+    return out
 
 
 # ---------------------------------------------------------------------------- videos

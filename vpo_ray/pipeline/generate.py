@@ -366,6 +366,10 @@ def run_generate(cfg: GenerateConfig) -> dict:
     t_start = time.monotonic()
     out = cfg.out
     storage.makedirs(out)
+    # Every place this run writes through temp files; a crashed earlier run may have left some.
+    swept = sum(storage.sweep_tmp(d) for d in (out, storage.join(out, "parts"), storage.join(out, "videos")))
+    if swept:
+        log.info("removed %d temp files over an hour old (a crashed write leaves one) under %s", swept, out)
     storage.write_json(storage.join(out, "config.json"), to_dict(cfg))
 
     t = time.monotonic()

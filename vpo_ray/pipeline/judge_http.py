@@ -102,12 +102,14 @@ class HttpJudge:
 
     # -- the judge interface (same as LocalJudge) ----------------------------------
     def judge(self, items: list[tuple[str, str, str, int]]) -> list[Judgement | str]:
-        def one(item):
-            _, query, prompt, _ = item
+        return self.verdicts([prompts.judge_messages(query, prompt) for _, query, prompt, _ in items])
 
+    def verdicts(self, messages_list: list[list[dict]]) -> list[Judgement | str]:
+        """A verdict for each ready-made chat, or an error string; evaluation asks its own
+        questions through this, so they get the same retries and parsing as the main verdict."""
+        def one(messages):
             def call():
-                text = self._chat(prompts.judge_messages(query, prompt))
-                parsed = prompts.parse_judgement(text)
+                parsed = prompts.parse_judgement(self._chat(messages))
                 if isinstance(parsed, prompts.ParseFailure):
                     raise EndpointError(f"malformed judge output: {parsed.reason}")
                 return Judgement(verdict=parsed.verdict, confidence=1.0, reasons=parsed.reasons)
@@ -115,7 +117,7 @@ class HttpJudge:
             res = self._with_retries(call)
             return str(res) if isinstance(res, Failure) else res
 
-        return self._map(one, items)
+        return self._map(one, messages_list)
 
     def refine(self, items: list[tuple[str, str, str, int, str]]) -> list[str]:
         def one(item):

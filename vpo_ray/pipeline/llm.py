@@ -163,11 +163,11 @@ class LocalJudge:
         p_yes = self.engine.yes_probability(msgs, prefills)
         out = []
         for p, r, s in zip(p_yes, reasoning, seeds):
-            verdict = self._decide(float(p), s)
+            verdict = self.decide(float(p), s)
             out.append(Judgement(verdict=verdict, confidence=float(p if verdict else 1 - p), reasons=r))
         return out
 
-    def _decide(self, p_yes: float, seed: int) -> bool:
+    def decide(self, p_yes: float, seed: int) -> bool:
         """Greedy at temperature 0; otherwise the verdict token is sampled like any other
         (the paper's judge ran at temperature 0.7), seeded per row for reproducibility."""
         t = self.sampling.temperature

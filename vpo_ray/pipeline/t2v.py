@@ -9,7 +9,8 @@ here and only its URI goes downstream (ARCHITECTURE.md, "GPU placement").
 Rendering is deterministic per seed (the initial noise comes from a CPU `torch.Generator`,
 so it is the same on any device) and rerun-safe (a readable mp4 at the target path is
 returned as is). Speed options are named flags, listed in `OPTIMIZATIONS`; none of them
-skips denoising steps except the `cache=` family, which is approximate by design.
+skips denoising steps except the `cache=` family, which is approximate by design, and all
+keep bf16 precision except `linear=fp8` (e4m3 GEMMs, stated error in benchmarks/README.md).
 
 `model` is a registry preset or name (`registry.load_t2v_pipeline`), a local pipeline
 directory, or `arch:<name>`: the real architecture from `vpo_ray/models/configs/<name>/`
@@ -37,6 +38,8 @@ ARCH_DIR = Path(__file__).resolve().parent.parent / "models" / "configs"
 OPTIMIZATIONS = {
     "fuse-qkv": "one QKV matmul per attention layer (transformer.fuse_qkv_projections)",
     "attn=<cudnn|flash|efficient|math>": "preferred torch SDPA kernel (all models call SDPA on the native path)",
+    "linear=fp8": "attention and feed-forward projections as e4m3 GEMMs (pipeline/fp8.py; approximate, "
+                  "~47 dB PSNR vs bf16 on CogVideoX-2B); CUDA with compute capability >= 8.9",
     "attn-backend=<name>": "diffusers attention backend (set_attention_backend), e.g. _native_cudnn, flash, sage",
     "compile": "torch.compile of each transformer block (regional; one compile serves every layer)",
     "compile=full": "torch.compile of the whole transformer",
@@ -64,6 +67,8 @@ def parse_optimizations(flags) -> dict:
         elif name == "compile" and value in ("", "regional", "full"):
             out[name] = value or "regional"
         elif name == "attn" and value in _SDPA:
+            out[name] = value
+        elif name == "linear" and value == "fp8":
             out[name] = value
         elif name == "attn-backend" and value:
             out[name] = value
@@ -233,6 +238,8 @@ def apply_optimizations(pipe, opts: dict, device: str) -> list[str]:
             notes.append(f"fuse-qkv: not applied ({e})")
     if "attn" in opts:
         set_sdpa_preference(opts["attn"])
+    if "linear" in opts:
+        notes.append(_apply_fp8_linears(pipe, device))
     if "attn-backend" in opts:
         transformer.set_attention_backend(opts["attn-backend"])
     if opts.get("vae-tiling"):
@@ -252,6 +259,17 @@ def apply_optimizations(pipe, opts: dict, device: str) -> list[str]:
     elif opts.get("offload") == "sequential":
         pipe.enable_sequential_cpu_offload(device=device)
     return notes
+
+
+def _apply_fp8_linears(pipe, device: str) -> str:
+    import torch
+
+    from vpo_ray.pipeline import fp8
+
+    if not str(device).startswith("cuda") or torch.cuda.get_device_capability(torch.device(device)) < (8, 9):
+        raise ValueError("optimizations: linear=fp8 needs a CUDA GPU with FP8 tensor cores "
+                         f"(compute capability >= 8.9); device is {device!r}")
+    return f"linear=fp8: {fp8.apply_fp8_linears(transformer_blocks(pipe.transformer))} linears in e4m3"
 
 
 # ---------------------------------------------------------------------------- sizes

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from vpo_ray import storage
-from vpo_ray.config import ConfigError, GenerateConfig, TrainConfig, load_config, parse_override
+from vpo_ray.config import (ConfigError, GenerateConfig, TrainConfig, load_config, load_config_with_defaults,
+                            parse_override)
+from vpo_ray.models.registry import preset_job_defaults
 
 log = logging.getLogger("vpo.loop")
 
@@ -77,9 +79,12 @@ def run_loop(rounds: int, queries: str, out: str, preset: str = "tiny", override
     if train_fn is None:
         from vpo_ray.train.runner import train as train_fn
     values, sections = split_overrides(overrides or [], config_path)
+    # As `vpo generate --preset` does: the preset's job settings fill only keys the YAML
+    # sections and overrides leave unset. They are generate settings; training has none.
+    gen_defaults = preset_job_defaults(preset)
 
     def gen_cfg(kind: str, data_dir: str, optimizer: Optional[str]) -> GenerateConfig:
-        return load_config(GenerateConfig, None, sections["generate"], **{
+        return load_config_with_defaults(GenerateConfig, None, sections["generate"], gen_defaults, **{
             **values["generate"], "kind": kind, "queries": queries, "out": data_dir, "preset": preset,
             "optimizer": optimizer})
 
