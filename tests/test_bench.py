@@ -61,6 +61,22 @@ def test_video_sampling_tiny(ray_session, tiny_cache, tmp_path, capsys):
     _png_ok(rec["png"])
 
 
+def test_video_sampling_scaling_tiny(ray_session, tiny_cache, tmp_path, capsys):
+    """The multi-GPU scaling harness on CPU: 1 and 2 actors render, rates add up per actor."""
+    out = tmp_path / "bench"
+    rec = _bench(capsys, "video-sampling", "--preset", "tiny", "--out", str(out), "--warmup", "1",
+                 "variants=[scaling]", "scaling_actors=[1,2,4]", "scaling_videos_per_actor=2")
+    sc = rec["scaling"]
+    assert sc["left_out"] == [4]  # more actors than the 2 CPU runs allow are said, not started
+    for c, n in (("1", 2), ("2", 4)):
+        r = sc["runs"][c]
+        assert r["errors"] == [] and r["rows"] == n and r["stage"]["actors"] == int(c)
+        assert sum(r["videos_by_actor"]) == n and r["videos_per_s"] > 0
+    assert sc["efficiency_vs_linear"]["1"] == 1.0 and sc["efficiency_vs_linear"]["2"] > 0
+    assert rec["summary"]["scaling[2 actors]_efficiency"] == sc["efficiency_vs_linear"]["2"]
+    _png_ok(sc["png"])
+
+
 def test_llm_stages_tiny(tiny_cache, tmp_path, capsys):
     rec = _bench(capsys, "llm-stages", "--preset", "tiny", "--out", str(tmp_path), "llm.prompts=4",
                  "llm.batch_size=2", "llm.max_new_tokens=4", "llm.prompt_tokens=[12,30]")

@@ -372,6 +372,8 @@ class BenchConfig:
     # each a comma-joined flag set swapped into `optimizations` (no step skipped; FP8 precision)
     quantized: tuple[str, ...] = ("linear=fp8",)
     caches: tuple[str, ...] = ("cache=taylorseer-lite:6",)  # each timed as optimizations + this flag
+    scaling_actors: tuple[int, ...] = ()  # scaling variant: actor counts; () = 1, 2, 4, 8 up to the GPUs (CPU: 1, 2)
+    scaling_videos_per_actor: int = 3  # >= 3 gives each actor two gaps for its steady rate
     cache_videos: int = 2
     memory_modes: tuple[str, ...] = ("vae-tiling", "offload=model,vae-tiling", "offload=sequential,vae-tiling")
     memory_steps: int = 2  # peak memory does not depend on the step count
@@ -382,10 +384,12 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.name not in ("video-sampling", "llm-stages", "train-step"):
             raise ConfigError(f"name: expected video-sampling | llm-stages | train-step, got {self.name!r}")
-        known = ("baseline", "attention", "optimized", "ray", "quantized", "cache", "memory")
+        known = ("baseline", "attention", "optimized", "ray", "scaling", "quantized", "cache", "memory")
         for v in self.variants:
             if v not in known:
                 raise ConfigError(f"variants: unknown variant {v!r} (known: {', '.join(known)})")
+        if self.scaling_videos_per_actor < 2 or any(int(c) < 1 for c in self.scaling_actors):
+            raise ConfigError("scaling_videos_per_actor must be >= 2 and scaling_actors counts >= 1")
         if self.videos < 1 or self.warmup < 0 or self.warmup_steps < 1:
             raise ConfigError("videos must be >= 1, warmup >= 0 and warmup_steps >= 1")
 
@@ -491,24 +495,27 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def read_yaml_mapping(path: str | Path) -> dict:
+    """The mapping at the top of YAML file `path`; ConfigError naming the file if it is not one."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError) as e:
+        why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else (e.strerror or str(e))
+        raise ConfigError(f"config file {p} cannot be read: {why}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at top level, got {type(loaded).__name__}")
+    return loaded
+
+
 def load_config(cls: type, path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
                 **fields: Any) -> Any:
     """Build `cls` from YAML file `path`, then keyword `fields`, then `key=value` overrides."""
-    data: dict = {}
-    if path:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except (OSError, UnicodeDecodeError) as e:
-            why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else (e.strerror or str(e))
-            raise ConfigError(f"config file {p} cannot be read: {why}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at top level, got {type(loaded).__name__}")
-        data = loaded
+    data: dict = read_yaml_mapping(path) if path else {}
     for k, v in fields.items():
         if v is not None:
             _set_dotted(data, k, v)

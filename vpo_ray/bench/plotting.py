@@ -116,3 +116,34 @@ def plot_bars(title: str, groups: dict, ylabel: str, uri: str, note: Optional[st
     if note:
         a.set_title(note, fontsize=8)
     _save(fig, uri)
+
+
+def plot_scaling(rec: dict, uri: str) -> None:
+    """Ray stage videos/s against actor count (one GPU each), with linear scaling for reference."""
+    sc = rec.get("scaling") or {}
+    runs = {int(c): r for c, r in (sc.get("runs") or {}).items() if r.get("videos_per_s")}
+    dev = (rec.get("device") or {}).get("name", "?")
+    fig, ax = _figure(1, 1, f"video-sampling {rec.get('preset')}: Ray stage scaling on {dev}")
+    a = ax[0][0]
+    if not runs:
+        _empty(a, "no scaling run finished")
+        _save(fig, uri)
+        return
+    counts = sorted(runs)
+    rates = [runs[c]["videos_per_s"] for c in counts]
+    a.bar([str(c) for c in counts], rates, color="tab:blue", label="measured")
+    if 1 in runs:
+        a.plot([str(c) for c in counts], [c * runs[1]["videos_per_s"] for c in counts], "k--", label="linear")
+    eff = sc.get("efficiency_vs_linear") or {}
+    for i, c in enumerate(counts):
+        busy = [g.get("busy_fraction") for g in (runs[c].get("gpus") or []) if g.get("busy_fraction") is not None]
+        label = f"{rates[i]:.3g}/s"
+        if eff.get(str(c)) is not None:
+            label += f"\neff {eff[str(c)]:.2f}"
+        if busy:
+            label += f"\nbusy {min(busy):.2f}-{max(busy):.2f}"
+        a.text(i, rates[i], label, ha="center", va="bottom", fontsize=7)
+    a.set_xlabel("actors (one GPU each)")
+    a.set_ylabel("videos / s")
+    a.legend(fontsize=8)
+    _save(fig, uri)

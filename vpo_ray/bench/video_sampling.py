@@ -11,6 +11,8 @@ run in this order in one process (`variants` picks a subset):
   optimized  flags `optimizations` (exact: fused QKV, attention kernel, compile): the same plain loop,
              the "bare loop" the Ray stage is compared with
   ray        the same flags + "overlap" through `t2v.stage` (one actor, same GPU, prompts and seeds)
+  scaling    the same stage with 1, 2, 4, 8 actors (one GPU each, as many as there are GPUs; CPU: 1
+             and 2 actors): videos/s, efficiency against linear scaling, GPU busy per GPU
   quantized  optimized with each `quantized` flag set swapped in (e.g. FP8 linears: no step skipped,
              lower precision); PSNR and latent rel-L2 against baseline and optimized
   cache      optimized + each training-free cache flag; PSNR against the optimized frames, same seeds
@@ -180,7 +182,13 @@ class VideoSamplingBench:
 
     # ---------------------------------------------------------------- the Ray stage
 
-    def ray_stage(self, n: int) -> dict:
+    def ray_stage(self, n: int, actors: int = 1, samplers: Optional[list] = None) -> dict:
+        """`n` videos through `t2v.stage` with `actors` actors (one GPU each on CUDA).
+
+        videos/s is the sum over actors of each actor's steady rate (1 / median gap between its
+        own completions): completions of several actors interleave irregularly, so the gaps of
+        the merged stream would mislead. GPU busy comes from `samplers` (one per GPU) if given.
+        """
         import json
 
         import ray
@@ -197,8 +205,8 @@ class VideoSamplingBench:
         flags = tuple(dict.fromkeys(self.optimizations + ("overlap",)))
         rows = [{"query_id": f"bench{i:03d}", "sample_idx": 0, "prompt": PROMPTS[i % len(PROMPTS)],
                  "negative_prompt": "", "seed": i, "aspect_ratio": ""} for i in range(n)]
-        stage_cfg = StageConfig(min_actors=1, max_actors=1, num_gpus=1.0 if self.cuda else 0.0, num_cpus=1.0,
-                                batch_size=1)
+        stage_cfg = StageConfig(min_actors=actors, max_actors=actors, num_gpus=1.0 if self.cuda else 0.0,
+                                num_cpus=1.0, batch_size=1)
         ds = ray.data.from_items(rows, override_num_blocks=n)
         out = t2v.stage(ds, stage_cfg, model=self.model, video=self.video, out_root=out_root, device=None,
                         dtype=self.cfg.dtype, optimizations=flags,
@@ -208,7 +216,12 @@ class VideoSamplingBench:
         errors = [r["error"] for r in results if r["error"]]
         timings = sorted((json.loads(r["timings_json"]) for r in results if not r["error"]), key=lambda t: t["done_at"])
         done = [t["done_at"] for t in timings]
-        rate = common.steady_rate(done)
+        by_actor: dict = {}
+        for t in timings:
+            by_actor.setdefault(t.get("actor"), []).append(t["done_at"])
+        rates = [common.steady_rate(d) for d in by_actor.values()]
+        # an actor that finished a single video has no gap of its own: fall back to the merged stream
+        rate = sum(rates) if rates and None not in rates else common.steady_rate(done)
         bare = (self.record.get("optimized") or {}).get("videos_per_s")
         first = sorted(results, key=lambda r: r["seed"])[0]
         match = None
@@ -219,7 +232,9 @@ class VideoSamplingBench:
             ray.shutdown()
         return {
             "flags": list(flags), "videos": n, "errors": errors,
-            "stage": {"actors": 1, "num_gpus": stage_cfg.num_gpus, "batch_size": 1, "max_concurrent_calls_per_actor": 2},
+            "stage": {"actors": actors, "num_gpus": stage_cfg.num_gpus, "batch_size": 1,
+                      "max_concurrent_calls_per_actor": 2},
+            "videos_by_actor": sorted(len(d) for d in by_actor.values()),
             "videos_per_s": rate, "videos_per_s_span": common.span_rate(done), "rows": len(results),
             "ratio_vs_bare_loop": round(rate / bare, 3) if rate and bare else None,
             "first_video_after_s": round(done[0] - t_submit, 1) if done else None,
@@ -229,8 +244,39 @@ class VideoSamplingBench:
             "per_video": [{k: round(t[k] - (done[0] if k == "done_at" else 0), 3)
                            for k in ("done_at", "wait_s", "denoise_s", "decode_s", "encode_s")} for t in timings],
             "gpu": self.sampler.window(done[0], done[-1]) if (self.sampler and len(done) > 1) else None,
+            "gpus": [s.window(done[0], done[-1]) for s in samplers] if (samplers and len(done) > 1) else None,
             "psnr_vs_bare_loop_mp4_db": match,
         }
+
+    def scaling(self) -> dict:
+        """The Ray stage on 1, 2, 4, 8 actors: aggregate videos/s and efficiency vs linear."""
+        import torch
+
+        from vpo_ray.bench.nvml import GpuSampler
+
+        cfg = self.cfg
+        gpus = torch.cuda.device_count() if self.cuda else 0
+        counts = cfg.scaling_actors or ((1, 2, 4, 8) if self.cuda else (1, 2))
+        limit = gpus if self.cuda else 2  # on CPU the variant checks the harness, not scaling
+        kept = [c for c in counts if c <= limit]
+        out: dict[str, Any] = {"gpus": gpus, "videos_per_actor": cfg.scaling_videos_per_actor, "runs": {},
+                               "left_out": [c for c in counts if c > limit]}
+        samplers = [GpuSampler(index=i).start() for i in range(gpus)] if self.cuda else []
+        try:
+            for c in kept:
+                common.guarded(out["runs"], str(c),
+                               lambda c=c: self.ray_stage(c * cfg.scaling_videos_per_actor, actors=c,
+                                                          samplers=samplers[:c]))
+                self.record["scaling"] = out  # a cut-off run keeps the counts it finished
+                self._save()
+        finally:
+            for s in samplers:
+                s.stop()
+        one = (out["runs"].get("1") or {}).get("videos_per_s")
+        out["efficiency_vs_linear"] = {c: (round(r["videos_per_s"] / (int(c) * one), 3)
+                                           if one and r.get("videos_per_s") else None)
+                                       for c, r in out["runs"].items()}
+        return out
 
     # ---------------------------------------------------------------- attention kernels
 
@@ -336,7 +382,7 @@ class VideoSamplingBench:
 
     def run(self) -> dict:
         from vpo_ray.bench.nvml import GpuSampler
-        from vpo_ray.bench.plotting import plot_video_sampling
+        from vpo_ray.bench.plotting import plot_scaling, plot_video_sampling
 
         cfg = self.cfg
         storage.makedirs(cfg.out)
@@ -367,6 +413,9 @@ class VideoSamplingBench:
         png = storage.join(cfg.out, f"{self.stem}.png")
         plot_video_sampling(self.record, self.sampler.trace(t_ref) if self.sampler else [], png)
         self.record["png"] = png
+        if isinstance(self.record.get("scaling"), dict) and self.record["scaling"].get("runs"):
+            self.record["scaling"]["png"] = storage.join(cfg.out, f"{self.stem}_scaling.png")
+            plot_scaling(self.record, self.record["scaling"]["png"])
         self._save()
         return self.record
 
@@ -384,6 +433,8 @@ class VideoSamplingBench:
             common.guarded(rec, "attention", self.attention)
         elif variant == "ray":
             common.guarded(rec, "ray", lambda: self.ray_stage(cfg.videos))
+        elif variant == "scaling":
+            common.guarded(rec, "scaling", self.scaling)
         elif variant == "quantized":
             rec["quantized"] = {}
             for flag_set in cfg.quantized:
@@ -451,6 +502,9 @@ def summarize(rec: dict) -> dict:
     out["ray_videos_per_s"] = get("ray", "videos_per_s")
     out["ray_vs_bare"] = get("ray", "ratio_vs_bare_loop")
     out["ray_gpu_busy"] = get("ray", "gpu", "busy_fraction")
+    for c, eff in (get("scaling", "efficiency_vs_linear") or {}).items():
+        out[f"scaling[{c} actors]_videos_per_s"] = get("scaling", "runs", c, "videos_per_s")
+        out[f"scaling[{c} actors]_efficiency"] = eff
     out["optimized_vs_baseline_psnr_db"] = get("optimized", "vs_baseline", "psnr_db")
     for flag_set, res in (rec.get("quantized") or {}).items():
         out[f"{flag_set}_s_per_video"] = res.get("seconds_per_video")

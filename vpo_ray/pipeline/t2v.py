@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -476,7 +477,7 @@ class T2VRenderer:
             frames = self.decode(*denoised)
             t1 = time.perf_counter()
             video_io.write_mp4(frames, uri, self.video.fps)
-            t.update(decode_s=t1 - t0, encode_s=time.perf_counter() - t1, done_at=time.time())
+            t.update(decode_s=t1 - t0, encode_s=time.perf_counter() - t1, done_at=time.time(), actor=os.getpid())
             return self._row(row, uri, len(frames), timings=t)
         except Exception as e:  # noqa: BLE001 — a row's failure becomes its error row
             return self._row(row, error=f"render: {type(e).__name__}: {e}", timings=t)

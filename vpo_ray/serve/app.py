@@ -24,9 +24,7 @@ import threading
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
-from vpo_ray.config import ConfigError, ServeConfig, load_config
+from vpo_ray.config import ConfigError, ServeConfig, load_config, read_yaml_mapping
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +33,6 @@ BUILDER = "vpo_ray.serve.app:build_app"
 
 
 # ---------------------------------------------------------------------------- config
-
-def _read_yaml(path: str) -> dict:
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"config file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {p} must hold a mapping at top level")
-    return data
-
 
 def _app_section(doc: dict, path: str) -> tuple[dict, dict]:
     """(vpo app args, http_options) of a Serve config file (one with `applications:`)."""
@@ -69,7 +54,7 @@ def config_from_args(args: dict) -> ServeConfig:
     path = args.pop("config", None)
     fields: dict = {}
     if path:
-        doc = _read_yaml(path)
+        doc = read_yaml_mapping(path)
         if "applications" in doc:
             inner, http = _app_section(doc, path)
             inner.pop("config", None)
