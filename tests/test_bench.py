@@ -89,12 +89,31 @@ def test_llm_stages_tiny(tiny_cache, tmp_path, capsys):
     _png_ok(rec["png"])
 
 
-def test_train_step_tiny(tiny_cache, tmp_path, capsys):
+def test_train_step_tiny(ray_session, tiny_cache, tmp_path, capsys):
+    """Default engine: one Ray Train worker with DeepSpeed ZeRO-2, as `vpo train` runs."""
     rec = _bench(capsys, "train-step", "--preset", "tiny", "--out", str(tmp_path), "train.steps=2",
                  "train.seq_len=24", "train.batch_size=2")
     sft, dpo = rec["methods"]["sft"], rec["methods"]["dpo"]
+    assert "error" not in sft and "error" not in dpo, (sft, dpo)
+    assert sft["engine"] == dpo["engine"] == "deepspeed zero-2" and sft["ranks"] == 1
     assert sft["tokens_per_step"] == 48 and dpo["tokens_per_step"] == 96  # DPO counts chosen + rejected
     assert sft["tokens_per_s"] > 0 and dpo["tokens_per_s"] > 0 and len(dpo["losses"]) == 2
+    assert sft["mfu"] is None and sft["model_tflops_per_gpu"] >= 0  # no datasheet peak for a CPU
+    assert dpo["params"] == sft["params"] > 0
+
+
+def test_train_step_two_ranks_zero3_and_torch_engine(ray_session, tiny_cache, tmp_path, capsys):
+    rec = _bench(capsys, "train-step", "--preset", "tiny", "--out", str(tmp_path / "ds"), "train.steps=2",
+                 "train.seq_len=24", "train.batch_size=2", "train.workers=2", "train.zero_stage=3",
+                 "train.methods=[dpo]")
+    dpo = rec["methods"]["dpo"]
+    assert "error" not in dpo, dpo
+    assert dpo["engine"] == "deepspeed zero-3" and dpo["ranks"] == 2
+    assert dpo["tokens_per_step"] == 2 * 2 * 24 * 2 and len(dpo["peak_allocated_gib_per_rank"]) == 2
+    assert dpo["tokens_per_s_per_gpu"] == pytest.approx(dpo["tokens_per_s"] / 2, rel=1e-3)
+    one = _bench(capsys, "train-step", "--preset", "tiny", "--out", str(tmp_path / "torch"), "train.steps=2",
+                 "train.seq_len=24", "train.batch_size=2", "train.engine=torch", "train.methods=[sft]")
+    assert one["methods"]["sft"]["engine"] == "torch" and one["methods"]["sft"]["tokens_per_s"] > 0
     assert abs(dpo["losses"][0] - 0.6931) < 0.05  # log 2 at the start: policy == reference
     _png_ok(rec["png"])
 

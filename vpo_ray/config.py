@@ -351,6 +351,17 @@ class BenchTrainConfig:
     steps: int = 5  # timed steps after warm-up
     methods: tuple[str, ...] = ("sft", "dpo")
     gradient_checkpointing: bool = False
+    engine: str = "deepspeed"  # deepspeed (Ray Train workers + ZeRO, as `vpo train`) | torch (one process)
+    zero_stage: int = 2  # DeepSpeed ZeRO stage: 2 shards optimizer state + gradients, 3 also the weights
+    workers: int = 1  # Ray Train workers (data-parallel ranks, one GPU each on CUDA)
+
+    def __post_init__(self) -> None:
+        if self.engine not in ("deepspeed", "torch"):
+            raise ConfigError(f"train.engine: expected deepspeed | torch, got {self.engine!r}")
+        if self.zero_stage not in (2, 3) or self.workers < 1:
+            raise ConfigError("train.zero_stage must be 2 or 3 (the shipped ZeRO configs) and train.workers >= 1")
+        if self.engine == "torch" and self.workers != 1:
+            raise ConfigError("train.workers > 1 needs train.engine=deepspeed (the torch engine is one process)")
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,21 @@
-"""`vpo bench train-step`: tokens/s of SFT and DPO optimizer steps of the optimizer LLM.
+"""`vpo bench train-step`: tokens/s and MFU of SFT and DPO optimizer steps of the optimizer LLM.
 
-A plain PyTorch step per method on one device (the same math TRL's trainers run, without
-their data loading): fp32 master weights, bf16 autocast on GPU, fused AdamW.
+The same math TRL's trainers run, without their data loading, in one of two engines:
 
-  sft  causal-LM loss over `train.batch_size` sequences of `train.seq_len` tokens
+  deepspeed  (default) `train.workers` Ray Train workers (one GPU each on CUDA), the model in a
+             DeepSpeed engine with ZeRO stage `train.zero_stage` (the shipped
+             vpo_ray/train/deepspeed/zeroN.json, "auto" values resolved as HF does), bf16 on GPU,
+             torch AdamW: the `vpo train` stack minus TRL's data pipeline
+  torch      one process: fp32 master weights, bf16 autocast on GPU, fused AdamW
+
+  sft  causal-LM loss over `train.batch_size` sequences of `train.seq_len` tokens per rank
   dpo  policy forward over chosen + rejected (2 x batch_size sequences sharing a prompt of
        half the length), a frozen reference forward (no grad), the sigmoid DPO loss (beta 0.1)
 
-Tokens/s counts the policy's tokens per step (DPO: chosen + rejected). ZeRO-2 is not in
-play here: it shards optimizer state and gradients across data-parallel ranks, and this
-harness runs one rank; `vpo train` (Ray Train + DeepSpeed) is the multi-GPU path.
+Tokens/s counts the policy's tokens per step over all ranks (DPO: chosen + rejected);
+per GPU = that / ranks. MFU = model FLOPs / step time / (ranks x datasheet bf16 peak), with
+model FLOPs = 6 x params x policy tokens (+ 2 x params x reference tokens for DPO): the usual
+dense estimate, attention's N^2 term left out (small at 512 tokens), so MFU is a lower bound.
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ def _response_logps(logits, ids, start: int):
     return logp.gather(-1, ids[:, start:].unsqueeze(-1)).squeeze(-1).sum(-1)
 
 
-def _step(method: str, model, ref, opt, chosen, rejected, autocast) -> float:
+def _step(method: str, model, ref, opt, chosen, rejected, autocast, backward=None) -> float:
     import torch
     import torch.nn.functional as F
 
@@ -53,10 +59,149 @@ def _step(method: str, model, ref, opt, chosen, rejected, autocast) -> float:
             b = chosen.shape[0]
             margin = (lp[:b] - rp[:b]) - (lp[b:] - rp[b:])
             loss = -F.logsigmoid(0.1 * margin).mean()
-    loss.backward()
+    (backward or torch.Tensor.backward)(loss)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return float(loss.detach())
+
+
+def model_flops(params: int, tokens: int, method: str) -> float:
+    """Dense FLOPs of one step: forward + backward of the policy, forward of the DPO reference."""
+    return 6.0 * params * tokens + (2.0 * params * tokens if method == "dpo" else 0.0)
+
+
+def _ds_config(stage: int, batch_size: int, hidden: int, bf16: bool) -> dict:
+    """The shipped ZeRO JSON with HF Trainer's "auto" rules filled in for this model."""
+    import json
+
+    from vpo_ray.train.worker import DS_DIR
+
+    ds = json.loads((DS_DIR / f"zero{stage}.json").read_text())
+    ds.update(train_micro_batch_size_per_gpu=batch_size, gradient_accumulation_steps=1, gradient_clipping=1.0,
+              bf16={"enabled": bf16})
+    ds["fp16"]["enabled"] = False
+    auto = {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+            "stage3_param_persistence_threshold": 10 * hidden}
+    zero = ds["zero_optimization"]
+    for key, value in list(zero.items()):
+        if value == "auto":
+            zero[key] = auto[key]
+    return ds
+
+
+def _ds_worker(config: dict) -> None:
+    """One Ray Train rank: DeepSpeed engine, warm-up step, timed steps; rank 0 reports all ranks."""
+    import copy
+    import json
+    import os
+    import statistics
+    import tempfile
+
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+
+    from vpo_ray.bench.llm_stages import load_llm
+
+    cuda = config["cuda"]
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    rank = ray.train.get_context().get_world_rank()
+    device = str(ray.train.torch.get_device()) if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.cuda.reset_peak_memory_stats()
+    model, vocab = load_llm(config["model"], device, "float32")
+    model.train()
+    if config["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable()
+    params = sum(p.numel() for p in model.parameters())
+    ref = None
+    if config["method"] == "dpo":  # the frozen reference starts as the policy, as in TRL's DPO
+        ref = copy.deepcopy(model).to(torch.bfloat16 if cuda else torch.float32).eval().requires_grad_(False)
+    ds = _ds_config(config["zero_stage"], config["batch_size"], model.config.hidden_size, bf16=cuda)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-6),
+                                      config=ds)
+
+    class _Engine:  # _step's optimizer interface on top of the engine
+        @staticmethod
+        def step():
+            engine.step()
+
+        @staticmethod
+        def zero_grad(set_to_none=True):
+            pass  # engine.step() zeroes the gradients
+
+    shape = type("Shape", (), {"batch_size": config["batch_size"], "seq_len": config["seq_len"]})
+    chosen, rejected = _batch(shape, vocab, device, seed=rank)  # data parallel: each rank its own batch
+
+    def one_step() -> float:
+        return _step(config["method"], engine, ref, _Engine, chosen, rejected, contextlib_null,
+                     backward=engine.backward)
+
+    one_step()  # warm-up: optimizer state, buckets, kernels; excluded
+    times, losses = [], []
+    for _ in range(config["steps"]):
+        dist.barrier()
+        with common.Timer(device) as t:
+            losses.append(one_step())
+        times.append(t.seconds)
+    mine = {"rank": rank, "step_s_median": statistics.median(times),
+            "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
+    ranks = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, mine)
+    # Train V2 hands the driver metrics only with a checkpoint: rank 0 ships its figures as one
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint = None
+        if rank == 0:
+            with open(os.path.join(d, "bench.json"), "w") as f:
+                json.dump({"ranks": ranks, "losses": losses, "params": params}, f)
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+        ray.train.report({"rank": rank}, checkpoint=checkpoint)
+
+
+def contextlib_null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def bench_method_deepspeed(method: str, cfg: BenchConfig, device: str) -> dict:
+    import json
+    import tempfile
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from vpo_ray.ray_utils import init_ray
+
+    tc = cfg.train
+    cuda = device.startswith("cuda")
+    init_ray(cfg.ray)
+    name = "tiny-optimizer" if cfg.preset == "tiny" else tc.model
+    config = {"cuda": cuda, "model": name, "method": method, "zero_stage": tc.zero_stage,
+              "batch_size": tc.batch_size, "seq_len": tc.seq_len, "steps": tc.steps,
+              "gradient_checkpointing": tc.gradient_checkpointing}
+    trainer = TorchTrainer(
+        _ds_worker, train_loop_config=config, torch_config=TorchConfig(backend="nccl" if cuda else "gloo"),
+        scaling_config=ScalingConfig(num_workers=tc.workers, use_gpu=cuda),
+        run_config=RunConfig(name=f"bench-train-step-{method}", storage_path=tempfile.mkdtemp(prefix="vpo-bench-"),
+                             worker_runtime_env=None if cuda else {"env_vars": {"DS_ACCELERATOR": "cpu"}}))
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as d, open(f"{d}/bench.json") as f:
+        got = json.load(f)
+    step_s = max(r["step_s_median"] for r in got["ranks"])  # a step ends when its slowest rank does
+    tokens = tc.workers * tc.batch_size * tc.seq_len * (2 if method == "dpo" else 1)
+    flop = model_flops(got["params"], tokens, method)
+    peak = common.device_facts(device).get("peak_bf16_tflops") if cuda else None
+    return {"model": name, "engine": f"deepspeed zero-{tc.zero_stage}", "ranks": tc.workers,
+            "params": got["params"], "step_s_median": round(step_s, 4), "tokens_per_step": tokens,
+            "tokens_per_s": round(tokens / step_s, 1), "tokens_per_s_per_gpu": round(tokens / step_s / tc.workers, 1),
+            "model_tflops_per_gpu": round(flop / step_s / tc.workers / 1e12, 1),
+            "mfu": round(flop / step_s / tc.workers / 1e12 / peak, 3) if peak else None,
+            "losses": [round(x, 4) for x in got["losses"]],
+            "peak_allocated_gib_per_rank": [r["peak_allocated_gib"] for r in got["ranks"]]}
 
 
 def bench_method(method: str, cfg: BenchConfig, device: str) -> dict:
@@ -89,9 +234,14 @@ def bench_method(method: str, cfg: BenchConfig, device: str) -> dict:
         times.append(t.seconds)
     step_s = sorted(times)[len(times) // 2]
     tokens = chosen.numel() * (2 if method == "dpo" else 1)
-    out = {"model": name, "step_s_median": round(step_s, 4), "tokens_per_step": tokens,
-           "tokens_per_s": round(tokens / step_s, 1), "losses": [round(x, 4) for x in losses],
-           **common.peak_memory(device)}
+    params = sum(p.numel() for p in model.parameters())
+    peak = common.device_facts(device).get("peak_bf16_tflops") if cuda else None
+    flop = model_flops(params, tokens, method)
+    out = {"model": name, "engine": "torch", "ranks": 1, "params": params, "step_s_median": round(step_s, 4),
+           "tokens_per_step": tokens, "tokens_per_s": round(tokens / step_s, 1),
+           "tokens_per_s_per_gpu": round(tokens / step_s, 1), "model_tflops_per_gpu": round(flop / step_s / 1e12, 1),
+           "mfu": round(flop / step_s / 1e12 / peak, 3) if peak else None,
+           "losses": [round(x, 4) for x in losses], **common.peak_memory(device)}
     del model, ref, opt
     common.free_memory(device)
     return out
@@ -106,14 +256,18 @@ def run(cfg: BenchConfig) -> dict:
     stem = f"train_step_{cfg.preset}"
     rec = {"benchmark": "train-step", "preset": cfg.preset, "device": common.device_facts(device),
            "versions": common.versions(), "config": dataclasses.asdict(cfg.train),
-           "precision": "fp32 master weights, bf16 autocast" if device.startswith("cuda") else "fp32",
+           "precision": ("bf16 (DeepSpeed), fp32 master weights" if cfg.train.engine == "deepspeed"
+                         else "fp32 master weights, bf16 autocast") if device.startswith("cuda") else "fp32",
            "weights": "tiny preset" if cfg.preset == "tiny" else "random (real architecture config)",
-           "zero": "not used: one rank (see module docstring)",
+           "engine": (f"deepspeed ZeRO-{cfg.train.zero_stage}, {cfg.train.workers} Ray Train worker(s)"
+                      if cfg.train.engine == "deepspeed" else "torch, one process"),
+           "flops_note": "MFU from 6 x params x policy tokens (+ 2 x params x reference tokens for DPO)",
            "warmup_note": "one step per method before timing, excluded", "methods": {}}
     for method in cfg.train.methods:
         if method not in ("sft", "dpo"):
             raise ValueError(f"train.methods: unknown method {method!r} (sft, dpo)")
-        common.guarded(rec["methods"], method, lambda m=method: bench_method(m, cfg, device))
+        run_one = bench_method_deepspeed if cfg.train.engine == "deepspeed" else bench_method
+        common.guarded(rec["methods"], method, lambda m=method: run_one(m, cfg, device))
         common.write_record(cfg.out, stem, rec)
     groups = {m: {"tokens/s": r.get("tokens_per_s")} for m, r in rec["methods"].items() if "error" not in r}
     png = storage.join(cfg.out, f"{stem}.png")
