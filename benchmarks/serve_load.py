@@ -1,11 +1,15 @@
 """Load benchmark of `vpo serve`: latency percentiles and requests/s against concurrency,
-with dynamic batching off (max_batch_size=1) and on (max_batch_size=N).
+with dynamic batching off (max_batch_size=1) and on (max_batch_size=N), and against the
+number of optimizer replicas.
 
     python benchmarks/serve_load.py --out runs/bench/serve --preset tiny
+    python benchmarks/serve_load.py --out DIR --replicas 1,2,4 --replica-gpus 1   # one replica per GPU
     python benchmarks/serve_load.py --out DIR --url http://127.0.0.1:8000   # an already running server
 
-Without --url it starts a local Ray instance and deploys the app once per batch setting
-(one replica, no autoscaling, so only batching differs). Each concurrency level runs
+Without --url it starts a local Ray instance and deploys the app once per (replica count,
+batch setting), with autoscaling pinned to that replica count so only those differ; the
+record's `replica_scaling` gives requests/s at the highest concurrency per replica count and
+its efficiency against linear. Each concurrency level runs
 closed-loop aiohttp clients for --duration-s seconds or --max-requests requests,
 whichever comes first; traffic goes to 127.0.0.1 only. Prints one JSON record and writes
 DIR/serve_load.json and DIR/serve_load.png.
@@ -95,7 +99,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def deploy(args, max_batch_size: int, port: int) -> str:
+def deploy(args, max_batch_size: int, port: int, replicas: int = 1) -> str:
     from ray import serve
 
     from vpo_ray.serve.app import app_from_config, config_from_args, http_options
@@ -104,8 +108,9 @@ def deploy(args, max_batch_size: int, port: int) -> str:
     fields = {"port": port, "max_batch_size": max_batch_size, "max_n": min(args.n, max_batch_size),
               "max_new_tokens": args.max_new_tokens, "batch_wait_timeout_s": args.batch_wait_timeout_s,
               "max_ongoing_requests": max(top, max_batch_size), "max_queued_requests": 4 * top,
-              "num_cpus": args.replica_cpus, "auth_token_env": "",  # loopback benchmark: no auth
-              "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
+              "num_cpus": args.replica_cpus, "num_gpus": args.replica_gpus,
+              "auth_token_env": "",  # loopback benchmark: no auth
+              "autoscaling": {"min_replicas": replicas, "max_replicas": replicas}}
     if args.model:
         fields["model"] = args.model
     else:
@@ -135,18 +140,33 @@ def bench(args) -> dict:
     ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
     port = _free_port()
     try:
-        for bs in args.batch_sizes:
-            url = deploy(args, bs, port)
-            asyncio.run(run_level(url, None, 2, 2.0, args.warmup, args.n, args.timeout_s))  # warm-up
-            for c in args.concurrency:
-                level = asyncio.run(run_level(url, None, c, args.duration_s, args.max_requests, args.n,
-                                              args.timeout_s))
-                record["runs"].append({"max_batch_size": bs, **level})
-                print(json.dumps(record["runs"][-1]), file=sys.stderr, flush=True)
+        for replicas in args.replicas:
+            for bs in args.batch_sizes:
+                url = deploy(args, bs, port, replicas)
+                asyncio.run(run_level(url, None, 2 * replicas, 2.0, args.warmup * replicas, args.n,
+                                      args.timeout_s))  # warm-up: every replica loads and compiles
+                for c in args.concurrency:
+                    level = asyncio.run(run_level(url, None, c, args.duration_s, args.max_requests, args.n,
+                                                  args.timeout_s))
+                    record["runs"].append({"replicas": replicas, "max_batch_size": bs, **level})
+                    print(json.dumps(record["runs"][-1]), file=sys.stderr, flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
+    record["replica_scaling"] = replica_scaling(record["runs"])
     return record
+
+
+def replica_scaling(runs: list[dict]) -> list[dict]:
+    """Per batch setting: requests/s at the top concurrency for each replica count, and rps(r) / (r x rps(1))."""
+    out = []
+    for bs in sorted({r["max_batch_size"] for r in runs}):
+        top = max(r["concurrency"] for r in runs if r["max_batch_size"] == bs)
+        by_r = {r["replicas"]: r["rps"] for r in runs if r["max_batch_size"] == bs and r["concurrency"] == top}
+        one = by_r.get(1)
+        out.append({"max_batch_size": bs, "concurrency": top, "rps": by_r,
+                    "efficiency_vs_linear": {k: (round(v / (k * one), 3) if one else None) for k, v in by_r.items()}})
+    return out
 
 
 def plot(record: dict, path: Path) -> None:
@@ -155,11 +175,16 @@ def plot(record: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_lat, ax_rps) = plt.subplots(1, 2, figsize=(11, 4.2))
-    settings = sorted({r["max_batch_size"] for r in record["runs"]}, key=lambda b: (b is None, b or 0))
-    for bs in settings:
-        runs = sorted((r for r in record["runs"] if r["max_batch_size"] == bs), key=lambda r: r["concurrency"])
+    settings = sorted({(r.get("replicas"), r["max_batch_size"]) for r in record["runs"]},
+                      key=lambda k: (k[0] or 0, k[1] is None, k[1] or 0))
+    several = len({k[0] for k in settings}) > 1
+    for reps, bs in settings:
+        runs = sorted((r for r in record["runs"] if (r.get("replicas"), r["max_batch_size"]) == (reps, bs)),
+                      key=lambda r: r["concurrency"])
         cs = [r["concurrency"] for r in runs]
         label = "server as is" if bs is None else ("no batching" if bs == 1 else f"max_batch_size={bs}")
+        if several:
+            label = f"{reps} replica(s), {label}"
         line, = ax_lat.plot(cs, [r["p50_ms"] for r in runs], marker="o", label=f"{label} p50")
         ax_lat.plot(cs, [r["p95_ms"] for r in runs], marker="^", ls="--", color=line.get_color(), label=f"{label} p95")
         ax_rps.plot(cs, [r["rps"] for r in runs], marker="o", color=line.get_color(), label=label)
@@ -195,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout-s", type=float, default=120.0, help="per request")
     p.add_argument("--ray-cpus", type=int, default=None, help="local Ray instance CPUs (default: all)")
     p.add_argument("--replica-cpus", type=float, default=1.0)
+    p.add_argument("--replica-gpus", type=float, default=0.0, help="per replica (1 = one replica per GPU)")
+    p.add_argument("--replicas", type=ints, default=[1], help="optimizer replica counts, comma list (default 1)")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

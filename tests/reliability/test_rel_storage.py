@@ -125,8 +125,9 @@ def test_read_only_output(sft_queries, tmp_path, capsys, rel):
     assert "Read-only" in err
 
 
-# Timing fault: on a fast run the job can finish writing before the filler has filled the
-# disk (the run then exits 0); such an attempt proves nothing either way, so it is re-run.
+# Timing fault: the job flushes a part file per finished query (VPO_PART_FLUSH_S=0), so the
+# fill lands with most of the run still to write; should a run still outpace the filler, the
+# attempt proves nothing either way and is re-run.
 @pytest.mark.flaky(reruns=2)
 def test_disk_fills_up_mid_run_then_frees(sft_reference, sft_queries, tmp_path, rel):
     """The disk fills once the first part file is written: the job stops with a clear error,
@@ -144,7 +145,8 @@ def test_disk_fills_up_mid_run_then_frees(sft_reference, sft_queries, tmp_path, 
         else:
             cmd = [sys.executable, str(HERE / "fullfs.py"), str(disk["dir"]), str(disk["flag"]), "--", *argv]
         log = tmp_path / "driver.log"
-        proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+        # one part file per finished query: the disk fills after the first while most are still to come
+        proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(VPO_PART_FLUSH_S="0"), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         filled = threading.Event()
 

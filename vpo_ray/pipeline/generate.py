@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 import time
 from typing import Any, Iterable, Optional
 
@@ -27,7 +28,7 @@ from vpo_ray.schema import Flags, dpo_row, error_row, sft_row
 
 log = logging.getLogger("vpo.generate")
 
-FLUSH_EVERY_S = 5.0  # a crash loses at most this much finished work
+FLUSH_EVERY_S = float(os.environ.get("VPO_PART_FLUSH_S", "5"))  # a crash loses at most this much finished work
 
 
 # ---------------------------------------------------------------------------- small helpers
