@@ -25,8 +25,8 @@ import math
 
 import torch
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
+from vpo_ray.pipeline.fp8 import FP8, FP8_MAX
+
 P_SHIFT = 8.75  # log2 of P's largest value (430.5): below e4m3's 448 after exp2 rounding
 LOG2E = 1.4426950408889634
 

@@ -25,11 +25,11 @@ from vpo_ray.bench import common
 from vpo_ray.config import BenchConfig
 
 
-def _batch(cfg, vocab: int, device: str, seed: int):
+def _batch(batch_size: int, seq_len: int, vocab: int, device: str, seed: int):
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    b, n = cfg.batch_size, cfg.seq_len
+    b, n = batch_size, seq_len
     chosen = torch.randint(10, vocab - 1, (b, n), generator=g)
     rejected = chosen.clone()
     rejected[:, n // 2:] = torch.randint(10, vocab - 1, (b, n - n // 2), generator=g)
@@ -43,31 +43,55 @@ def _response_logps(logits, ids, start: int):
     return logp.gather(-1, ids[:, start:].unsqueeze(-1)).squeeze(-1).sum(-1)
 
 
-def _step(method: str, model, ref, opt, chosen, rejected, autocast, backward=None) -> float:
+def _loss(method: str, model, ref, chosen, rejected):
+    """The step's loss; each engine does its own backward and optimizer step around it."""
     import torch
     import torch.nn.functional as F
 
-    with autocast():
-        if method == "sft":
-            loss = model(input_ids=chosen, labels=chosen).loss
-        else:
-            both = torch.cat([chosen, rejected])
-            start = chosen.shape[1] // 2
-            lp = _response_logps(model(input_ids=both).logits, both, start)
-            with torch.no_grad():
-                rp = _response_logps(ref(input_ids=both).logits, both, start)
-            b = chosen.shape[0]
-            margin = (lp[:b] - rp[:b]) - (lp[b:] - rp[b:])
-            loss = -F.logsigmoid(0.1 * margin).mean()
-    (backward or torch.Tensor.backward)(loss)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    if method == "sft":
+        return model(input_ids=chosen, labels=chosen).loss
+    both = torch.cat([chosen, rejected])
+    start = chosen.shape[1] // 2
+    lp = _response_logps(model(input_ids=both).logits, both, start)
+    with torch.no_grad():
+        rp = _response_logps(ref(input_ids=both).logits, both, start)
+    b = chosen.shape[0]
+    margin = (lp[:b] - rp[:b]) - (lp[b:] - rp[b:])
+    return -F.logsigmoid(0.1 * margin).mean()
 
 
 def model_flops(params: int, tokens: int, method: str) -> float:
     """Dense FLOPs of one step: forward + backward of the policy, forward of the DPO reference."""
     return 6.0 * params * tokens + (2.0 * params * tokens if method == "dpo" else 0.0)
+
+
+def _figures(method: str, params: int, tokens: int, step_s: float, ranks: int, device: str) -> dict:
+    """Throughput and MFU of one method from its median step time (`tokens` over all ranks)."""
+    flop = model_flops(params, tokens, method)
+    peak = common.device_facts(device).get("peak_bf16_tflops") if device.startswith("cuda") else None
+    return {"ranks": ranks, "params": params, "step_s_median": round(step_s, 4), "tokens_per_step": tokens,
+            "tokens_per_s": round(tokens / step_s, 1), "tokens_per_s_per_gpu": round(tokens / step_s / ranks, 1),
+            "model_tflops_per_gpu": round(flop / step_s / ranks / 1e12, 1),
+            "mfu": round(flop / step_s / ranks / 1e12 / peak, 3) if peak else None}
+
+
+def _policy_and_ref(name: str, method: str, device: str, gradient_checkpointing: bool):
+    """(policy in fp32, frozen reference or None, vocab size); the reference starts as the policy, as in TRL."""
+    import copy
+
+    import torch
+
+    from vpo_ray.bench.llm_stages import load_llm
+
+    model, vocab = load_llm(name, device, "float32")
+    model.train()
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    ref = None
+    if method == "dpo":
+        ref = copy.deepcopy(model).to(torch.bfloat16 if device.startswith("cuda") else torch.float32)
+        ref = ref.eval().requires_grad_(False)
+    return model, ref, vocab
 
 
 def _ds_config(stage: int, batch_size: int, hidden: int, bf16: bool) -> dict:
@@ -91,7 +115,6 @@ def _ds_config(stage: int, batch_size: int, hidden: int, bf16: bool) -> dict:
 
 def _ds_worker(config: dict) -> None:
     """One Ray Train rank: DeepSpeed engine, warm-up step, timed steps; rank 0 reports all ranks."""
-    import copy
     import json
     import os
     import statistics
@@ -103,8 +126,6 @@ def _ds_worker(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from vpo_ray.bench.llm_stages import load_llm
-
     cuda = config["cuda"]
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     rank = ray.train.get_context().get_world_rank()
@@ -112,40 +133,26 @@ def _ds_worker(config: dict) -> None:
     if cuda:
         torch.cuda.set_device(device)
         torch.cuda.reset_peak_memory_stats()
-    model, vocab = load_llm(config["model"], device, "float32")
-    model.train()
-    if config["gradient_checkpointing"]:
-        model.gradient_checkpointing_enable()
-    params = sum(p.numel() for p in model.parameters())
-    ref = None
-    if config["method"] == "dpo":  # the frozen reference starts as the policy, as in TRL's DPO
-        ref = copy.deepcopy(model).to(torch.bfloat16 if cuda else torch.float32).eval().requires_grad_(False)
+    model, ref, vocab = _policy_and_ref(config["model"], config["method"], device, config["gradient_checkpointing"])
+    params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     ds = _ds_config(config["zero_stage"], config["batch_size"], model.config.hidden_size, bf16=cuda)
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-6),
                                       config=ds)
+    # data parallel: each rank its own batch
+    chosen, rejected = _batch(config["batch_size"], config["seq_len"], vocab, device, seed=rank)
 
-    class _Engine:  # _step's optimizer interface on top of the engine
-        @staticmethod
-        def step():
-            engine.step()
+    def step() -> float:
+        loss = _loss(config["method"], engine, ref, chosen, rejected)
+        engine.backward(loss)
+        engine.step()  # also zeroes the gradients
+        return float(loss.detach())
 
-        @staticmethod
-        def zero_grad(set_to_none=True):
-            pass  # engine.step() zeroes the gradients
-
-    shape = type("Shape", (), {"batch_size": config["batch_size"], "seq_len": config["seq_len"]})
-    chosen, rejected = _batch(shape, vocab, device, seed=rank)  # data parallel: each rank its own batch
-
-    def one_step() -> float:
-        return _step(config["method"], engine, ref, _Engine, chosen, rejected, contextlib_null,
-                     backward=engine.backward)
-
-    one_step()  # warm-up: optimizer state, buckets, kernels; excluded
+    step()  # warm-up: optimizer state, buckets, kernels; excluded
     times, losses = [], []
     for _ in range(config["steps"]):
         dist.barrier()
         with common.Timer(device) as t:
-            losses.append(one_step())
+            losses.append(step())
         times.append(t.seconds)
     mine = {"rank": rank, "step_s_median": statistics.median(times),
             "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
@@ -159,12 +166,6 @@ def _ds_worker(config: dict) -> None:
                 json.dump({"ranks": ranks, "losses": losses, "params": params}, f)
             checkpoint = ray.train.Checkpoint.from_directory(d)
         ray.train.report({"rank": rank}, checkpoint=checkpoint)
-
-
-def contextlib_null():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def bench_method_deepspeed(method: str, cfg: BenchConfig, device: str) -> dict:
@@ -193,54 +194,44 @@ def bench_method_deepspeed(method: str, cfg: BenchConfig, device: str) -> dict:
         got = json.load(f)
     step_s = max(r["step_s_median"] for r in got["ranks"])  # a step ends when its slowest rank does
     tokens = tc.workers * tc.batch_size * tc.seq_len * (2 if method == "dpo" else 1)
-    flop = model_flops(got["params"], tokens, method)
-    peak = common.device_facts(device).get("peak_bf16_tflops") if cuda else None
-    return {"model": name, "engine": f"deepspeed zero-{tc.zero_stage}", "ranks": tc.workers,
-            "params": got["params"], "step_s_median": round(step_s, 4), "tokens_per_step": tokens,
-            "tokens_per_s": round(tokens / step_s, 1), "tokens_per_s_per_gpu": round(tokens / step_s / tc.workers, 1),
-            "model_tflops_per_gpu": round(flop / step_s / tc.workers / 1e12, 1),
-            "mfu": round(flop / step_s / tc.workers / 1e12 / peak, 3) if peak else None,
+    return {"model": name, "engine": f"deepspeed zero-{tc.zero_stage}",
+            **_figures(method, got["params"], tokens, step_s, tc.workers, device),
             "losses": [round(x, 4) for x in got["losses"]],
             "peak_allocated_gib_per_rank": [r["peak_allocated_gib"] for r in got["ranks"]]}
 
 
 def bench_method(method: str, cfg: BenchConfig, device: str) -> dict:
     import contextlib
-    import copy
 
     import torch
-
-    from vpo_ray.bench.llm_stages import load_llm
 
     tc = cfg.train
     cuda = device.startswith("cuda")
     name = "tiny-optimizer" if cfg.preset == "tiny" else tc.model
     common.free_memory(device)
-    model, vocab = load_llm(name, device, "float32")
-    model.train()
-    if tc.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    ref = None
-    if method == "dpo":  # the frozen reference starts as the policy, as in TRL's DPO
-        ref = copy.deepcopy(model).to(torch.bfloat16 if cuda else torch.float32).eval().requires_grad_(False)
+    model, ref, vocab = _policy_and_ref(name, method, device, tc.gradient_checkpointing)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=cuda)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
-    chosen, rejected = _batch(tc, vocab, device, 0)
-    _step(method, model, ref, opt, chosen, rejected, autocast)  # warm-up: optimizer state, kernels; excluded
+    chosen, rejected = _batch(tc.batch_size, tc.seq_len, vocab, device, 0)
+
+    def step() -> float:
+        with autocast():
+            loss = _loss(method, model, ref, chosen, rejected)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    step()  # warm-up: optimizer state, kernels; excluded
     times, losses = [], []
     for _ in range(tc.steps):
         with common.Timer(device) as t:
-            losses.append(_step(method, model, ref, opt, chosen, rejected, autocast))
+            losses.append(step())
         times.append(t.seconds)
     step_s = sorted(times)[len(times) // 2]
     tokens = chosen.numel() * (2 if method == "dpo" else 1)
-    params = sum(p.numel() for p in model.parameters())
-    peak = common.device_facts(device).get("peak_bf16_tflops") if cuda else None
-    flop = model_flops(params, tokens, method)
-    out = {"model": name, "engine": "torch", "ranks": 1, "params": params, "step_s_median": round(step_s, 4),
-           "tokens_per_step": tokens, "tokens_per_s": round(tokens / step_s, 1),
-           "tokens_per_s_per_gpu": round(tokens / step_s, 1), "model_tflops_per_gpu": round(flop / step_s / 1e12, 1),
-           "mfu": round(flop / step_s / 1e12 / peak, 3) if peak else None,
+    out = {"model": name, "engine": "torch",
+           **_figures(method, sum(p.numel() for p in model.parameters()), tokens, step_s, 1, device),
            "losses": [round(x, 4) for x in losses], **common.peak_memory(device)}
     del model, ref, opt
     common.free_memory(device)
