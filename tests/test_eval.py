@@ -47,7 +47,7 @@ def test_few_shot_source_sends_the_few_shot_optimizer_messages(monkeypatch):
 
         def generate(self, messages_list, seeds, sampling, prefills=None, stop=()):
             sent.extend(messages_list)
-            return ["A prompt."] * len(messages_list)
+            return [llm.Completion("A prompt.", "stop", 3)] * len(messages_list)
 
     monkeypatch.setattr(llm, "LLMEngine", FakeEngine)
     stage = FewShotRewriter(model="m", num_samples=1, sampling={"temperature": 0.0}, seed=0)

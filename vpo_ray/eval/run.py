@@ -150,8 +150,8 @@ class TextJudge(Critic):
             return _ask_http(self.backend, msgs)
         engine, sampling = self.backend.engine, self.backend.sampling
         if self.reasoning:
-            reasons = engine.generate(msgs, seeds, sampling, prefills=[ANSWER_HEAD] * len(msgs),
-                                      stop=(prompts.JUDGE_ANSWER_PREFIX, "Final Judg"))
+            reasons = [c.text for c in engine.generate(msgs, seeds, sampling, prefills=[ANSWER_HEAD] * len(msgs),
+                                                       stop=(prompts.JUDGE_ANSWER_PREFIX, "Final Judg"))]
             prefills = [f"{ANSWER_HEAD} {r}\n{prompts.JUDGE_ANSWER_PREFIX}" for r in reasons]
         else:
             reasons = [""] * len(msgs)

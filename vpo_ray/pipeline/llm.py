@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -31,6 +32,19 @@ def row_seed(seed: int, *keys: Any) -> int:
     """A 63-bit seed from the run seed and a row's identity."""
     h = hashlib.sha256(json.dumps([seed, *keys], default=str).encode()).digest()
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One generated row: its text (cut at the first stop string), why it ended, its length.
+
+    finish_reason is "stop" when the model ended it (EOS or a stop string) and "length"
+    when it ran into its token limit: callers turn a cut rewrite or critique into an
+    error row instead of using it as if it were complete.
+    """
+    text: str
+    finish_reason: str  # "stop" | "length"
+    n_tokens: int  # generated tokens up to (not counting) EOS
 
 
 class LLMEngine:
@@ -60,23 +74,45 @@ class LLMEngine:
         return {k: v.to(self.device) for k, v in enc.items()}
 
     def generate(self, messages_list: Sequence[list], row_seeds: Sequence[int], sampling: SamplingConfig,
-                 prefills: Optional[Sequence[str]] = None, stop: Sequence[str] = ()) -> list[str]:
-        """One completion per message list; row i is sampled with generator seeded row_seeds[i]."""
+                 prefills: Optional[Sequence[str]] = None, stop: Sequence[str] = (),
+                 max_new_tokens: Optional[Sequence[int]] = None) -> list[Completion]:
+        """One completion per message list; row i is sampled with generator seeded row_seeds[i].
+
+        `max_new_tokens` (per row) lowers a row's limit below `sampling.max_new_tokens`.
+        """
         torch = self.torch
         if not messages_list:
             return []
+        limits = [min(int(m), sampling.max_new_tokens) for m in max_new_tokens] if max_new_tokens is not None \
+            else [sampling.max_new_tokens] * len(messages_list)
         enc = self._encode(messages_list, prefills)
-        kwargs: dict = dict(max_new_tokens=sampling.max_new_tokens, do_sample=False, num_beams=1,
+        kwargs: dict = dict(max_new_tokens=max(limits), do_sample=False, num_beams=1,
                             pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id,
                             temperature=None, top_p=None, top_k=None)  # sampling is the row sampler's job
+        processors = []
+        if len(set(limits)) > 1:
+            processors.append(row_length_limit(limits, enc["input_ids"].shape[1], self.tok.eos_token_id))
         if sampling.temperature > 0:
             n = len(row_seeds)
-            kwargs["logits_processor"] = [row_sampler([sampling.temperature] * n, [sampling.top_p] * n,
-                                                      list(row_seeds), self.device)]
+            processors.append(row_sampler([sampling.temperature] * n, [sampling.top_p] * n, list(row_seeds),
+                                          self.device))
+        if processors:
+            kwargs["logits_processor"] = processors
         with torch.inference_mode():
             out = self.model.generate(**enc, **kwargs)
-        texts = self.tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        return [_cut_at_stop(t, stop).strip() for t in texts]
+        return [self._completion(row, limit, stop) for row, limit in zip(out[:, enc["input_ids"].shape[1]:], limits)]
+
+    def _completion(self, ids, limit: int, stop: Sequence[str]) -> Completion:
+        ids = ids.tolist()
+        eos = self.tok.eos_token_id
+        eos_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+        end = next((k for k, t in enumerate(ids) if t in eos_ids), None)
+        n = len(ids) if end is None else end
+        n = min(n, limit)  # an EOS at position `limit` is the row limit's, not the model's
+        raw = self.tok.decode(ids[:n], skip_special_tokens=True)
+        text = _cut_at_stop(raw, stop)
+        ended = (end is not None and end < limit) or len(text) < len(raw)
+        return Completion(text=text.strip(), finish_reason="stop" if ended else "length", n_tokens=n)
 
     def yes_probability(self, messages_list: Sequence[list], prefills: Sequence[str]) -> np.ndarray:
         """P(Yes) / (P(Yes) + P(No)) of the next token after each prefill."""
@@ -88,6 +124,25 @@ class LLMEngine:
         p_yes = probs[:, self.yes_ids].sum(-1)
         p_no = probs[:, self.no_ids].sum(-1)
         return (p_yes / (p_yes + p_no).clamp_min(1e-12)).cpu().numpy()
+
+
+def row_length_limit(limits: Sequence[int], prompt_len: int, eos_token_id):
+    """A logits processor that ends row i (forces EOS) once it has generated limits[i] tokens."""
+    import torch
+    from transformers import LogitsProcessor
+
+    eos = eos_token_id[0] if isinstance(eos_token_id, (list, tuple)) else eos_token_id
+
+    class RowLengthLimit(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            done = torch.tensor([input_ids.shape[1] - prompt_len >= n for n in limits], device=scores.device)
+            if done.any():
+                scores = scores.clone()
+                scores[done] = float("-inf")
+                scores[done, eos] = 0.0
+            return scores
+
+    return RowLengthLimit()
 
 
 def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -120,7 +175,7 @@ class Rewriter:
                 msgs.append(prompts.optimizer_messages(str(batch["text"][i])))
                 seeds.append(row_seed(self.seed, "rewrite", batch["query_id"][i], j))
                 owners.append((i, j))
-        texts = self.engine.generate(msgs, seeds, self.sampling, stop=("\nUser Query:",))
+        texts = [c.text for c in self.engine.generate(msgs, seeds, self.sampling, stop=("\nUser Query:",))]
         per_row: list[list[dict]] = [[] for _ in range(n)]
         for (i, j), text in zip(owners, texts):
             parsed = prompts.parse_video_prompt(text)
@@ -157,8 +212,8 @@ class LocalJudge:
         msgs = [prompts.judge_messages(q, p) for _, q, p, _ in items]
         seeds = [row_seed(self.seed, "judge", qid, j) for qid, _, _, j in items]
         head = "Step-by-step verification:"
-        reasoning = self.engine.generate(msgs, seeds, self.sampling, prefills=[head] * len(items),
-                                         stop=(prompts.JUDGE_ANSWER_PREFIX, "Final Judg"))
+        reasoning = [c.text for c in self.engine.generate(msgs, seeds, self.sampling, prefills=[head] * len(items),
+                                                          stop=(prompts.JUDGE_ANSWER_PREFIX, "Final Judg"))]
         prefills = [f"{head} {r}\n{prompts.JUDGE_ANSWER_PREFIX}" for r in reasoning]
         p_yes = self.engine.yes_probability(msgs, prefills)
         out = []
@@ -186,7 +241,8 @@ class LocalJudge:
         seeds = [row_seed(self.seed, "refine", qid, j) for qid, _, _, j, _ in items]
         # Prefill the answer marker: the model writes the refined prompt and stops at [[end]].
         prefill = "Final Refined Prompt: [[start]] "
-        texts = self.engine.generate(msgs, seeds, self.sampling, prefills=[prefill] * len(items), stop=("[[end]]",))
+        texts = [c.text for c in self.engine.generate(msgs, seeds, self.sampling, prefills=[prefill] * len(items),
+                                                      stop=("[[end]]",))]
         out = []
         for t in texts:
             parsed = prompts.parse_refinement(prefill + t + " [[end]]")
