@@ -35,3 +35,14 @@ def test_a_row_is_the_same_alone_or_batched_with_other_limits(engine):
     batched = engine.generate([_msgs("waves crashing on rocks at dusk"), _msgs("a red kite")], [9, 7], sampling,
                               max_new_tokens=[10, 6])[1]
     assert batched == alone
+
+
+def test_forced_lengths_end_rows_as_natural_stops(engine):
+    sampling = SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=1.0)
+    rows = [_msgs("a dog"), _msgs("a cat on a mat"), _msgs("city at night")]
+    out = engine.generate(rows, [1, 2, 3], sampling, forced_lengths=[4, 9, 30])
+    assert [c.n_tokens for c in out] == [4, 9, 12]
+    assert [c.finish_reason for c in out] == ["stop", "stop", "length"]  # 30 is past the limit of 12
+    # forced lengths sit beside per-row limits: the smaller one decides
+    out = engine.generate(rows[:2], [1, 2], sampling, max_new_tokens=[3, 12], forced_lengths=[5, 5])
+    assert [(c.n_tokens, c.finish_reason) for c in out] == [(3, "length"), (5, "stop")]

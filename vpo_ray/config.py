@@ -42,6 +42,66 @@ class StageConfig:
     batch_size: int = 8
 
 
+WEIGHTS = ("pretrained", "random")  # a job's `weights`: released checkpoints, or real architectures with random weights
+
+
+def check_weights(value: str, key: str = "weights") -> None:
+    if value not in WEIGHTS:
+        raise ConfigError(f"{key}: expected pretrained or random, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RandomOutputsConfig:
+    """What random-weight models answer (`weights=random`, vpo_ray/models/random_weights.py).
+
+    A random LLM never stops and a random judge has no opinion, so each row ends, and each
+    verdict falls, as drawn here from the row's own seed: rows flow through every stage with
+    the lengths and shares of a real run. Lengths are normal with sd = spread x mean, clipped
+    to [min_tokens, the stage's max_new_tokens - 1], and end as a natural stop.
+    """
+    rewrite_tokens: int = 150  # mean rewrite: one descriptive paragraph (~110 words; the cap is 256)
+    critique_tokens: int = 220  # mean step-by-step verification: six rules of ~35 tokens (judge cap 256)
+    refine_tokens: int = 150  # mean refined prompt: a rewrite's size
+    length_spread: float = 0.25  # sd of a length as a fraction of its mean
+    min_tokens: int = 16  # shortest row
+    judge_pass_rate: float = 0.5  # share of candidates the judge passes (K=4: two rendered per query)
+    checklist_yes_rate: float = 0.7  # share of video checklist answers that are Yes (so video pairs form)
+
+    def __post_init__(self) -> None:
+        for key in ("rewrite_tokens", "critique_tokens", "refine_tokens", "min_tokens"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"random_outputs.{key}: must be >= 1, got {getattr(self, key)}")
+        for key in ("judge_pass_rate", "checklist_yes_rate"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"random_outputs.{key}: expected a share in [0, 1], got {getattr(self, key)}")
+        if self.length_spread < 0:
+            raise ConfigError(f"random_outputs.length_spread: must be >= 0, got {self.length_spread}")
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    """How the stages' actor pools share the GPUs (vpo_ray/pipeline/placement.py, docs/PLACEMENT.md)."""
+    mode: str = "auto"  # auto: pool sizes and GPU shares from the node's GPUs | manual: the *_stage values as given
+    gpus: Optional[int] = None  # GPUs to plan for; None = what the cluster has, or can grow to (autoscaler)
+    side_share: float = 0.25  # of each GPU, what the LLM/VLM actors get beside its text-to-video actor (< 0.5)
+    side_actors: int = 0  # actors per LLM/VLM pool (rewrite, judge, video judge); 0 = one per 4 GPUs
+    gpu_memory_gib: Optional[float] = None  # per GPU; None = read from a local GPU, else 80
+    memory_headroom: float = 0.9  # plan pools into at most this share of a GPU's memory
+    wait_for_resources_s: Optional[float] = None  # None: 1800 s if an autoscaler can grow the cluster, else fail at once
+    wait_log_every_s: float = 30.0  # period of the log line naming the pool that waits
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("auto", "manual"):
+            raise ConfigError(f"placement.mode: expected auto or manual, got {self.mode!r}")
+        if not 0.0 < self.side_share < 0.5:
+            raise ConfigError(f"placement.side_share: expected 0 < side_share < 0.5 (two video actors must never "
+                              f"fit on one GPU), got {self.side_share}")
+        if self.gpus is not None and self.gpus < 0 or self.side_actors < 0:
+            raise ConfigError("placement.gpus and placement.side_actors must be >= 0")
+        if not 0.0 < self.memory_headroom <= 1.0 or self.wait_log_every_s <= 0:
+            raise ConfigError("placement.memory_headroom must lie in (0, 1] and wait_log_every_s be > 0")
+
+
 @dataclass(frozen=True)
 class JudgeEndpointConfig:
     """An OpenAI-compatible chat endpoint used as text judge instead of a local model."""
@@ -96,6 +156,7 @@ class GenerateConfig:
     query_column: str = "query"
     out: str = "runs/generate"
     preset: str = "tiny"
+    weights: str = "pretrained"  # pretrained | random (the preset's real architectures, random weights)
     optimizer: Optional[str] = None  # model that samples candidates; None = preset's optimizer
     limit: Optional[int] = None  # take the first N queries (after shuffling with seed)
     num_samples: int = 2  # K rewrites per query (the paper samples several per query)
@@ -116,6 +177,8 @@ class GenerateConfig:
     judge_stage: StageConfig = StageConfig()
     t2v_stage: StageConfig = StageConfig(batch_size=1)
     video_judge_stage: StageConfig = StageConfig(batch_size=4)
+    placement: PlacementConfig = PlacementConfig()  # pool sizes and GPU shares (auto fills the *_stage pools)
+    random_outputs: RandomOutputsConfig = RandomOutputsConfig()  # with weights=random: lengths, pass rates
     ray: RayConfig = RayConfig()
     seed: int = 0
 
@@ -127,6 +190,7 @@ class TrainConfig:
     data: str = ""  # parquet/jsonl file or a directory written by `vpo generate`
     out: str = "runs/train"  # local dir or URI; model/, metrics.jsonl, loss.png, ray_results/ go here
     preset: str = "tiny"
+    weights: str = "pretrained"  # pretrained | random: start from the preset optimizer's architecture, random weights
     model: Optional[str] = None  # base model path/id; None = preset's optimizer
     ref_model: Optional[str] = None  # DPO reference; None = a frozen copy of `model`
     num_workers: int = 2
@@ -165,6 +229,7 @@ class TrainConfig:
     ray: RayConfig = RayConfig()
 
     def __post_init__(self) -> None:
+        check_weights(self.weights)
         if self.method not in ("sft", "dpo"):
             raise ConfigError(f"method: expected sft or dpo, got {self.method!r}")
         if self.deepspeed_stage not in (0, 2, 3):
@@ -203,6 +268,8 @@ class ServeConfig:
     """`vpo serve`: the optimizer as an autoscaled Ray Serve application (vpo_ray/serve/app.py)."""
     model: Optional[str] = None  # exported optimizer dir; None = preset's optimizer
     preset: str = "tiny"
+    weights: str = "pretrained"  # pretrained | random (the optimizer's real architecture, random weights)
+    random_outputs: RandomOutputsConfig = RandomOutputsConfig()  # with weights=random: rewrite lengths
     served_model_name: Optional[str] = None  # id shown in /v1/models and responses; None = from model/preset
     model_version: Optional[str] = None  # None = fingerprint of the model files
     dtype: Optional[str] = None  # float32 | bfloat16 | float16; None = bf16 on GPU, fp32 on CPU
@@ -243,6 +310,7 @@ class ServeConfig:
     ray: RayConfig = RayConfig()
 
     def __post_init__(self) -> None:
+        check_weights(self.weights)
         if self.max_n is None and self.max_batch_size >= 1:
             object.__setattr__(self, "max_n", min(8, self.max_batch_size))
         if self.max_n < 1 or self.max_batch_size < 1:
@@ -271,6 +339,7 @@ class EvalConfig:
     limit: Optional[int] = None  # take N queries (shuffled with seed, kept in file order)
     out: str = "runs/eval"
     preset: str = "tiny"
+    weights: str = "pretrained"  # pretrained | random: the preset's models as real architectures, random weights
     # Prompt sources, one row each in the table: original (the query itself), few_shot (the
     # preset's optimizer LLM prompted with the few-shot examples), and trained optimizers as
     # name=path (a model dir or a `vpo train` out dir), e.g. sft=runs/sft dpo1=runs/dpo1.
@@ -295,10 +364,13 @@ class EvalConfig:
     judge_stage: StageConfig = StageConfig()
     t2v_stage: StageConfig = StageConfig(batch_size=1)
     video_judge_stage: StageConfig = StageConfig(batch_size=4)
+    placement: PlacementConfig = PlacementConfig()  # pool sizes and GPU shares (auto fills the *_stage pools)
+    random_outputs: RandomOutputsConfig = RandomOutputsConfig()  # with weights=random: lengths, pass rates
     seed: int = 0  # optimizer/judge sampling seeds, video seeds (seed*1000+i unless the query has -seed) and bootstrap
     ray: RayConfig = RayConfig()
 
     def __post_init__(self) -> None:
+        check_weights(self.weights)
         if not self.sources:
             raise ConfigError("sources: give at least one prompt source (original, few_shot, name=path)")
         if self.refusal not in ("regex", "judge", "regex+judge"):

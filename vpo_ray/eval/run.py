@@ -31,6 +31,7 @@ import numpy as np
 
 from vpo_ray import prompts, storage
 from vpo_ray.config import ConfigError, EvalConfig, load_config, to_dict
+from vpo_ray.models import random_weights
 from vpo_ray.pipeline.llm import Critic, Rewriter, row_seed
 from vpo_ray.schema import Flags
 
@@ -93,6 +94,7 @@ class _FewShotEngine:
 
     def __init__(self, engine):
         self.engine = engine
+        self.random_outputs = engine.random_outputs  # weights=random: rows end as the wrapped engine's would
         self.turns = prompts.optimizer_messages("", few_shot=True)[1:-1]
 
     def messages(self, msgs: list) -> list:
@@ -150,8 +152,9 @@ class TextJudge(Critic):
             return _ask_http(self.backend, msgs)
         engine, sampling = self.backend.engine, self.backend.sampling
         if self.reasoning:
-            reasons = [c.text for c in engine.generate(msgs, seeds, sampling, prefills=[ANSWER_HEAD] * len(msgs),
-                                                       stop=(prompts.JUDGE_ANSWER_PREFIX, "Final Judg"))]
+            reasons = [c.text for c in engine.generate(
+                msgs, seeds, sampling, prefills=[ANSWER_HEAD] * len(msgs), stop=(prompts.JUDGE_ANSWER_PREFIX, "Final Judg"),
+                forced_lengths=random_weights.stage_lengths(engine, "critique", seeds, sampling.max_new_tokens))]
             prefills = [f"{ANSWER_HEAD} {r}\n{prompts.JUDGE_ANSWER_PREFIX}" for r in reasons]
         else:
             reasons = [""] * len(msgs)

@@ -8,29 +8,24 @@ to a spec. The `tiny` preset names random-weight models of the same classes that
 Loaders never download when HF_HUB_OFFLINE=1: a hub id that is not in the local cache
 raises `ModelLoadError` naming the id and saying how to give a local path instead.
 Anywhere a model is accepted, a registry name ("cogvideox-2b"), a local directory or a
-hub id works.
+hub id works. `weights=random` (every job): `model_ref(preset, role, "random")` gives a
+`random_weights.RandomModel` that the same loaders build at real size with random weights
+from vpo_ray/models/configs/<name>/ (random_weights.py).
 """
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+from vpo_ray.models import random_weights, tiny
+from vpo_ray.models.hub import (ModelLoadError, UnknownModelError, _diffusers_dtype_kw, _hub_kwargs,  # noqa: F401
+                                _import, _load_error, _looks_local, _torch_dtype, _transformers_dtype_kw,
+                                _trust_remote_code, _truthy, offline)
+from vpo_ray.models.tiny import cache_root  # noqa: F401 (where tiny models are built; `vpo models list` shows it)
+
 ROLES = ("optimizer", "judge", "t2v", "video_judge")
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be resolved or loaded; the message names the id and the fix."""
-
-
-class UnknownModelError(ModelLoadError, KeyError):
-    """An unknown preset, role or registry name (also a KeyError for `except KeyError`)."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return RuntimeError.__str__(self)
 
 
 @dataclass(frozen=True)
@@ -44,7 +39,9 @@ class ModelSpec:
     tiny: bool = False  # built offline by vpo_ray.models.tiny
     # Extra (key, value) pairs. T2V: generation defaults (T2V_CALL_KEYS go to the pipeline
     # call, `fps` to write_mp4) and load options (vae_dtype, vae_tiling, vae_slicing).
-    # Video judge: min_pixels / max_pixels per frame for the image processor.
+    # Video judge: min_pixels / max_pixels per frame for the image processor. Any:
+    # arch_config, the configs/ folder weights=random builds from (default: the name);
+    # gpu_gib, one actor's peak GPU memory, which placement plans with.
     kwargs: tuple = ()
 
     @property
@@ -98,16 +95,16 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in (
               "transformers.Qwen2_5_VLForConditionalGeneration", kwargs=_VIDEO_JUDGE_PIXELS),
     # tiny: random weights of the same classes, built offline (vpo_ray.models.tiny)
     ModelSpec("tiny-optimizer", "optimizer", "tiny-optimizer", "transformers.AutoModelForCausalLM",
-              dtype="float32", num_gpus=0.0, tiny=True),
+              dtype="float32", num_gpus=0.0, tiny=True, kwargs=(("arch_config", "tiny-llm"),)),
     ModelSpec("tiny-judge", "judge", "tiny-judge", "transformers.AutoModelForCausalLM",
-              dtype="float32", num_gpus=0.0, tiny=True),
+              dtype="float32", num_gpus=0.0, tiny=True, kwargs=(("arch_config", "tiny-llm"),)),
     ModelSpec("tiny-t2v", "t2v", "tiny-t2v", "diffusers.CogVideoXPipeline", dtype="float32", num_gpus=0.0,
               tiny=True, kwargs=_t2v(9, 32, 32, 2, 6.0, 8)),  # 9 frames -> 3 latent frames; 32 px -> 4x4 latents
     ModelSpec("tiny-wan", "t2v", "tiny-wan", "diffusers.WanPipeline", dtype="float32", num_gpus=0.0,
               tiny=True, kwargs=_t2v(9, 32, 32, 2, 5.0, 16)),
     ModelSpec("tiny-video-judge", "video_judge", "tiny-video-judge",
               "transformers.Qwen2VLForConditionalGeneration", dtype="float32", num_gpus=0.0, tiny=True,
-              kwargs=(("min_pixels", 56 * 56), ("max_pixels", 112 * 112))),
+              kwargs=(("min_pixels", 56 * 56), ("max_pixels", 112 * 112), ("arch_config", "tiny-vlm"))),
 )}
 
 # An LLM entry serves either LLM role: these names may stand for optimizer or judge.
@@ -168,126 +165,38 @@ def _id_of(spec_or_path: Union[ModelSpec, str]) -> str:
     return spec_or_path.model_id if isinstance(spec_or_path, ModelSpec) else os.fspath(spec_or_path)
 
 
-# ---------------------------------------------------------------------------- tiny cache
-
-def cache_root() -> Path:
-    """$VPO_CACHE (default ~/.cache/vpo_ray): where tiny models are built."""
-    return Path(os.environ.get("VPO_CACHE") or "~/.cache/vpo_ray").expanduser()
-
-
-def _build_tiny(name: str) -> str:
-    from filelock import FileLock
-
-    from vpo_ray.models import tiny
-
-    root = cache_root() / "tiny"
-    fp = tiny.fingerprint(name)
-    final = root / f"{name}-{fp}"
-    if final.is_dir():  # finished builds appear by atomic rename, so existing means complete
-        return str(final)
-    root.mkdir(parents=True, exist_ok=True)
-    # One builder per name at a time across processes (parallel Ray actors on one node
-    # or on a shared filesystem); the others wait, then find the finished directory.
-    with FileLock(str(root / f".{name}.lock"), timeout=900):
-        if final.is_dir():
-            return str(final)
-        for stale in root.glob(f".build-{name}-{fp}-*"):  # left by a builder that crashed
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = root / f".build-{name}-{fp}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            with _quiet_hf():
-                tiny.build(name, str(tmp))
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return str(final)
-
-
-class _quiet_hf:
-    """Silence transformers/diffusers progress bars and info logs while building; restore after."""
-
-    def __enter__(self):
-        import diffusers
-        import transformers
-
-        self._libs = [lib.utils.logging for lib in (transformers, diffusers)]
-        self._saved = [(lg.get_verbosity(), lg.is_progress_bar_enabled()) for lg in self._libs]
-        for lg in self._libs:
-            lg.set_verbosity_error()
-            lg.disable_progress_bar()
-        return self
-
-    def __exit__(self, *exc):
-        for lg, (verbosity, bars) in zip(self._libs, self._saved):
-            lg.set_verbosity(verbosity)
-            if bars:
-                lg.enable_progress_bar()
-        return False
-
+# ---------------------------------------------------------------------------- references
 
 def model_path(spec_or_path: Union[ModelSpec, str]) -> str:
-    """Where to load a model from: a built tiny dir, a local dir, or a hub id (as given)."""
+    """Where to load a model from: a built tiny dir, a local dir, a hub id (as given), or "random:<name>"."""
+    if random_weights.as_random(spec_or_path) is not None:
+        return str(spec_or_path)
     spec = _as_spec(spec_or_path)
     if spec is None:
         return os.fspath(spec_or_path)
     if spec.tiny:
-        return _build_tiny(spec.name)
+        return tiny.build_cached(spec.name)
     return spec.model_id
 
 
+def model_ref(preset_or_name: str, role: Optional[str] = None, weights: str = "pretrained",
+              outputs: Optional[Any] = None) -> Union[str, "random_weights.RandomModel"]:
+    """What a job hands to its stages (and they to the loaders) for `role` of a preset, or a registry name.
+
+    weights="pretrained": `model_path` (a built tiny dir or the hub id). weights="random": a
+    `RandomModel` with the output model `outputs` (a RandomOutputsConfig; None = defaults)
+    that the loaders build at real size with random weights. The tiny preset's video
+    models are random already, and so is a tiny T2V pipeline: those stay as built.
+    """
+    spec = get_spec(preset_or_name, role)
+    if weights == "pretrained" or (spec.tiny and spec.role == "t2v"):
+        return model_path(spec)
+    if weights != "random":
+        raise ModelLoadError(f"weights: expected pretrained or random, got {weights!r}")
+    return random_weights.RandomModel(spec.name, outputs or random_weights.RandomOutputsConfig())
+
+
 # ---------------------------------------------------------------------------- loading helpers
-
-def _truthy(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def offline() -> bool:
-    return _truthy("HF_HUB_OFFLINE") or _truthy("TRANSFORMERS_OFFLINE")
-
-
-def _trust_remote_code() -> bool:
-    return os.environ.get("VPO_TRUST_REMOTE_CODE") == "1"
-
-
-def _looks_local(path: str) -> bool:
-    return os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path)
-
-
-def _load_error(model_id: str, path: str, err: BaseException, what: str) -> ModelLoadError:
-    detail = f"{type(err).__name__}: {' '.join(str(err).split())}"  # one line: the CLI shows it as is
-    if _looks_local(path) and not os.path.exists(os.path.expanduser(path)):
-        return ModelLoadError(f"cannot load {what} '{model_id}': local path {path} not found")
-    if not _looks_local(path):
-        mode = "downloads are off (HF_HUB_OFFLINE=1)" if offline() else "it could not be downloaded"
-        return ModelLoadError(
-            f"cannot load {what} '{model_id}': it is not in the local Hugging Face cache and {mode}. "
-            f"Download it elsewhere (e.g. `huggingface-cli download {model_id} --local-dir /models/"
-            f"{model_id.split('/')[-1]}`) and pass the local path (e.g. `optimizer=/models/...` or "
-            f"`--model PATH`), or set HF_HOME to a pre-populated cache. ({detail})")
-    return ModelLoadError(f"cannot load {what} '{model_id}' from {path}: {detail}")
-
-
-def _import(dotted: str) -> Any:
-    import importlib
-
-    module, _, name = dotted.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ModelLoadError(f"model class {dotted} is not available: {e}") from e
-
-
-def _torch_dtype(name: Optional[str]):
-    import torch
-
-    if name in (None, "auto"):
-        return name
-    dt = getattr(torch, str(name), None)
-    if not isinstance(dt, torch.dtype):
-        raise ModelLoadError(f"unknown torch dtype {name!r} (e.g. float32, bfloat16, float16)")
-    return dt
-
 
 def _dtype_for(spec: Optional[ModelSpec], dtype: Optional[str], device: str) -> str:
     if dtype:
@@ -295,26 +204,6 @@ def _dtype_for(spec: Optional[ModelSpec], dtype: Optional[str], device: str) -> 
     if spec is not None:
         return spec.dtype
     return "float32" if str(device).startswith("cpu") else "bfloat16"
-
-
-def _hub_kwargs() -> dict:
-    return {"local_files_only": offline(), "trust_remote_code": _trust_remote_code()}
-
-
-def _transformers_dtype_kw() -> str:
-    """transformers 4.56 renamed from_pretrained's `torch_dtype` to `dtype`."""
-    import transformers
-
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-
-
-def _diffusers_dtype_kw() -> str:
-    """diffusers 0.42 renamed from_pretrained's `torch_dtype` to `dtype` (older ones ignore `dtype`)."""
-    import diffusers
-
-    major, minor = (int(x) for x in diffusers.__version__.split(".")[:2])
-    return "dtype" if (major, minor) >= (0, 42) else "torch_dtype"
 
 
 def _resolve(spec_or_path: Union[ModelSpec, str], default_class: str):
@@ -332,8 +221,14 @@ def _tf_dtype(spec: Optional[ModelSpec], dtype: Optional[str], device: str) -> d
 
 def load_causal_lm(spec_or_path: Union[ModelSpec, str], device: str = "cpu", dtype: Optional[str] = None,
                    for_training: bool = False):
-    """(model, tokenizer) of an instruct LLM; the tokenizer pads on the left and has a pad token."""
+    """(model, tokenizer) of an instruct LLM; the tokenizer pads on the left and has a pad token.
+
+    A `random_weights.RandomModel` (or "random:<name>") builds the architecture with random weights.
+    """
     from transformers import AutoTokenizer
+
+    if random_weights.as_random(spec_or_path) is not None:
+        return random_weights.build_causal_lm(spec_or_path, device, dtype, for_training)
 
     spec, path, model_id, cls = _resolve(spec_or_path, "transformers.AutoModelForCausalLM")
     try:
@@ -356,7 +251,9 @@ def load_causal_lm(spec_or_path: Union[ModelSpec, str], device: str = "cpu", dty
 
 
 def load_t2v_pipeline(spec_or_path: Union[ModelSpec, str], device: str = "cpu", dtype: Optional[str] = None):
-    """A diffusers text-to-video pipeline, on `device`; spec options set VAE dtype/tiling."""
+    """A diffusers text-to-video pipeline, on `device`; spec options set VAE dtype/tiling; random refs build random."""
+    if (rm := random_weights.as_random(spec_or_path)) is not None:
+        return random_weights.build_t2v_pipeline(rm.name, device, dtype)
     spec, path, model_id, cls = _resolve(spec_or_path, "diffusers.DiffusionPipeline")
     opts = spec.options if spec else {}
     torch_dtype = _torch_dtype(_dtype_for(spec, dtype, device))
@@ -435,7 +332,9 @@ def load_video_processor(path: str, options: Optional[dict] = None) -> VideoJudg
 
 
 def load_video_judge(spec_or_path: Union[ModelSpec, str], device: str = "cpu", dtype: Optional[str] = None):
-    """(model, processor) of a Qwen2-VL style video judge; feed it `video_judge_inputs(...)`."""
+    """(model, processor) of a Qwen2-VL style video judge; feed it `video_judge_inputs(...)`; random refs build random."""
+    if random_weights.as_random(spec_or_path) is not None:
+        return random_weights.build_video_judge(spec_or_path, device, dtype)
     spec, path, model_id, cls = _resolve(spec_or_path, "transformers.AutoModelForImageTextToText")
     try:
         processor = load_video_processor(path, spec.options if spec else None)
@@ -624,61 +523,15 @@ def video_judge_inputs(processor: VideoJudgeProcessor, frames, question: str, *,
                                     device=device, dtype=dtype)
 
 
-# ---------------------------------------------------------------------------- benchmarks
+# ---------------------------------------------------------------------------- random weights
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = random_weights.CONFIG_DIR
 
 
 def random_init_from_config(spec: Union[ModelSpec, str], components: Optional[Sequence[str]] = None,
                             device: str = "cpu", dtype: Optional[str] = None, seed: int = 0) -> dict:
-    """Real-size architecture with random weights, from configs shipped in the package.
-
-    For throughput benchmarks on machines that cannot download weights. Each component is
-    `configs/<spec name>/<component>.json` holding `_class_name` (a diffusers class name,
-    or a dotted transformers class plus `_config_class`) and its constructor arguments,
-    e.g. configs/cogvideox-2b/transformer.json. Subfolders (scheduler/) are not modules.
-    Modules are created directly on `device` ("meta" gives shapes without memory).
-    Returns {component: module}. Add a model by dropping its config files there.
-    """
-    import json
-
-    import torch
-
-    spec_obj = spec if isinstance(spec, ModelSpec) else get_spec(spec)
-    folder = CONFIG_DIR / spec_obj.name
-    files = sorted(folder.glob("*.json")) if folder.is_dir() else []
-    if components is not None:
-        files = [folder / f"{c}.json" for c in components]
-    missing = [str(f) for f in files if not f.is_file()]
-    if not files or missing:
-        raise ModelLoadError(f"no shipped architecture config for {spec_obj.name!r} "
-                             f"({', '.join(missing) or folder}); add <component>.json files there")
-    torch_dtype = _torch_dtype(_dtype_for(spec_obj, dtype, device))
-    out = {}
-    for f in files:
-        cfg = {k: v for k, v in json.loads(f.read_text()).items() if k != "_comment"}
-        cls_name = cfg.pop("_class_name", None)
-        if not cls_name:
-            raise ModelLoadError(f"{f}: missing _class_name")
-        cls = _import(cls_name if "." in cls_name else f"diffusers.{cls_name}")
-        config_cls = cfg.pop("_config_class", None)
-        torch.manual_seed(seed)
-        with torch.device(device):  # build in place: a 5B model never round-trips through CPU RAM
-            module = cls(_import(config_cls)(**cfg)) if config_cls else cls(**cfg)
-        out[f.stem] = _cast(module, torch_dtype).eval()
-    return out
-
-
-def _cast(module, dtype):
-    """Cast floating weights to `dtype`, keeping the model's `_keep_in_fp32_modules` in fp32
-    (as from_pretrained does; module.to() would not)."""
-    import torch
-
-    keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
-    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        if t.is_floating_point():
-            t.data = t.data.to(torch.float32 if keep & set(name.split(".")) else dtype)
-    return module
+    """{component: module} of configs/<spec>/<component>.json with random weights (random_weights.py)."""
+    return random_weights.random_init_from_config(spec, components, device, dtype, seed)
 
 
 def preset_job_defaults(preset: str) -> dict:

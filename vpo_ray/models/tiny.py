@@ -8,8 +8,8 @@ a seeded torch generator, so two builds give identical weights and vocabularies.
 sizes live in JSON files under `configs/tiny/` (shipped with the package); token ids and
 vocabulary sizes are filled in from the tokenizer at build time.
 
-Call `registry.model_path(spec)` rather than these builders: it caches a build under
-$VPO_CACHE and guards it with a file lock.
+Call `registry.model_path(spec)` (or `build_cached(name)`) rather than these builders: a build
+is cached under $VPO_CACHE and guarded by a file lock.
 """
 from __future__ import annotations
 
@@ -339,3 +339,63 @@ def build(name: str, out_dir: str) -> None:
     builder, seed = BUILDERS[name]
     os.makedirs(out_dir, exist_ok=True)
     builder(out_dir, seed)
+
+
+# ---------------------------------------------------------------------------- the build cache
+
+def cache_root() -> Path:
+    """$VPO_CACHE (default ~/.cache/vpo_ray): where tiny models are built."""
+    return Path(os.environ.get("VPO_CACHE") or "~/.cache/vpo_ray").expanduser()
+
+
+def build_cached(name: str) -> str:
+    """The directory of tiny model `name`, built once under $VPO_CACHE/tiny (file-locked across processes)."""
+    import shutil
+    import uuid
+
+    from filelock import FileLock
+
+    root = cache_root() / "tiny"
+    fp = fingerprint(name)
+    final = root / f"{name}-{fp}"
+    if final.is_dir():  # finished builds appear by atomic rename, so existing means complete
+        return str(final)
+    root.mkdir(parents=True, exist_ok=True)
+    # One builder per name at a time across processes (parallel Ray actors on one node
+    # or on a shared filesystem); the others wait, then find the finished directory.
+    with FileLock(str(root / f".{name}.lock"), timeout=900):
+        if final.is_dir():
+            return str(final)
+        for stale in root.glob(f".build-{name}-{fp}-*"):  # left by a builder that crashed
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = root / f".build-{name}-{fp}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            with _quiet_hf():
+                build(name, str(tmp))
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return str(final)
+
+
+class _quiet_hf:
+    """Silence transformers/diffusers progress bars and info logs while building; restore after."""
+
+    def __enter__(self):
+        import diffusers
+        import transformers
+
+        self._libs = [lib.utils.logging for lib in (transformers, diffusers)]
+        self._saved = [(lg.get_verbosity(), lg.is_progress_bar_enabled()) for lg in self._libs]
+        for lg in self._libs:
+            lg.set_verbosity_error()
+            lg.disable_progress_bar()
+        return self
+
+    def __exit__(self, *exc):
+        for lg, (verbosity, bars) in zip(self._libs, self._saved):
+            lg.set_verbosity(verbosity)
+            if bars:
+                lg.enable_progress_bar()
+        return False

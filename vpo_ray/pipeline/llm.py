@@ -22,6 +22,7 @@ import numpy as np
 
 from vpo_ray import prompts
 from vpo_ray.config import JudgeEndpointConfig, SamplingConfig
+from vpo_ray.models import random_weights
 from vpo_ray.sampling import row_sampler
 from vpo_ray.schema import Judgement
 
@@ -59,9 +60,11 @@ class LLMEngine:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.tok = load_causal_lm(model, device=self.device, dtype=dtype)
         self.model.eval()
-        self.model_name = model
+        self.model_name = str(model)
         self.yes_ids, self.no_ids = yes_no_token_ids(self.tok)
         self.max_input_tokens = max_input_tokens
+        # weights=random: the output model rows end by (vpo_ray/models/random_weights.py); None = real weights
+        self.random_outputs = random_weights.outputs_of(self.model)
 
     def _encode(self, messages_list: Sequence[list], prefills: Optional[Sequence[str]] = None):
         texts = []
@@ -75,10 +78,15 @@ class LLMEngine:
 
     def generate(self, messages_list: Sequence[list], row_seeds: Sequence[int], sampling: SamplingConfig,
                  prefills: Optional[Sequence[str]] = None, stop: Sequence[str] = (),
-                 max_new_tokens: Optional[Sequence[int]] = None) -> list[Completion]:
+                 max_new_tokens: Optional[Sequence[int]] = None,
+                 forced_lengths: Optional[Sequence[int]] = None) -> list[Completion]:
         """One completion per message list; row i is sampled with generator seeded row_seeds[i].
 
         `max_new_tokens` (per row) lowers a row's limit below `sampling.max_new_tokens`.
+        `forced_lengths` (per row; weights=random, whose models never stop on their own): row
+        i ends after exactly forced_lengths[i] tokens as a natural stop (EOS is masked before
+        and forced there; finish_reason "stop", n_tokens == forced_lengths[i]), unless its
+        limit comes first ("length"). Stop strings still cut the text.
         """
         torch = self.torch
         if not messages_list:
@@ -86,10 +94,12 @@ class LLMEngine:
         limits = [min(int(m), sampling.max_new_tokens) for m in max_new_tokens] if max_new_tokens is not None \
             else [sampling.max_new_tokens] * len(messages_list)
         enc = self._encode(messages_list, prefills)
+        processors = []
+        if forced_lengths is not None:
+            processors.append(forced_length(forced_lengths, limits, enc["input_ids"].shape[1], self.tok.eos_token_id))
         kwargs: dict = dict(max_new_tokens=max(limits), do_sample=False, num_beams=1,
                             pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id,
                             temperature=None, top_p=None, top_k=None)  # sampling is the row sampler's job
-        processors = []
         if len(set(limits)) > 1:
             processors.append(row_length_limit(limits, enc["input_ids"].shape[1], self.tok.eos_token_id))
         if sampling.temperature > 0:
@@ -145,6 +155,32 @@ def row_length_limit(limits: Sequence[int], prompt_len: int, eos_token_id):
     return RowLengthLimit()
 
 
+def forced_length(lengths: Sequence[int], limits: Sequence[int], prompt_len: int, eos_token_id):
+    """A logits processor: row i cannot end before lengths[i] tokens and ends right there (below its limit)."""
+    import torch
+    from transformers import LogitsProcessor
+
+    eos = list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+    ends = [int(n) if int(n) < int(lim) else None for n, lim in zip(lengths, limits)]
+
+    class ForcedLength(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            step = input_ids.shape[1] - prompt_len
+            early = [i for i, n in enumerate(ends) if n is None or step < n]
+            now = [i for i, n in enumerate(ends) if n is not None and step == n]
+            scores = scores.clone()
+            if early:
+                scores[torch.tensor(early, device=scores.device)[:, None], torch.tensor(eos, device=scores.device)] = \
+                    float("-inf")
+            if now:
+                rows = torch.tensor(now, device=scores.device)
+                scores[rows] = float("-inf")
+                scores[rows, eos[0]] = 0.0
+            return scores
+
+    return ForcedLength()
+
+
 def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
     cut = len(text)
     for s in stop:
@@ -175,7 +211,8 @@ class Rewriter:
                 msgs.append(prompts.optimizer_messages(str(batch["text"][i])))
                 seeds.append(row_seed(self.seed, "rewrite", batch["query_id"][i], j))
                 owners.append((i, j))
-        texts = [c.text for c in self.engine.generate(msgs, seeds, self.sampling, stop=("\nUser Query:",))]
+        texts = [c.text for c in self.engine.generate(msgs, seeds, self.sampling, stop=("\nUser Query:",), forced_lengths=
+                 random_weights.stage_lengths(self.engine, "rewrite", seeds, self.sampling.max_new_tokens))]
         per_row: list[list[dict]] = [[] for _ in range(n)]
         for (i, j), text in zip(owners, texts):
             parsed = prompts.parse_video_prompt(text)
@@ -212,8 +249,9 @@ class LocalJudge:
         msgs = [prompts.judge_messages(q, p) for _, q, p, _ in items]
         seeds = [row_seed(self.seed, "judge", qid, j) for qid, _, _, j in items]
         head = "Step-by-step verification:"
-        reasoning = [c.text for c in self.engine.generate(msgs, seeds, self.sampling, prefills=[head] * len(items),
-                                                          stop=(prompts.JUDGE_ANSWER_PREFIX, "Final Judg"))]
+        reasoning = [c.text for c in self.engine.generate(
+            msgs, seeds, self.sampling, prefills=[head] * len(items), stop=(prompts.JUDGE_ANSWER_PREFIX, "Final Judg"),
+            forced_lengths=random_weights.stage_lengths(self.engine, "critique", seeds, self.sampling.max_new_tokens))]
         prefills = [f"{head} {r}\n{prompts.JUDGE_ANSWER_PREFIX}" for r in reasoning]
         p_yes = self.engine.yes_probability(msgs, prefills)
         out = []
@@ -225,6 +263,8 @@ class LocalJudge:
     def decide(self, p_yes: float, seed: int) -> bool:
         """Greedy at temperature 0; otherwise the verdict token is sampled like any other
         (the paper's judge ran at temperature 0.7), seeded per row for reproducibility."""
+        if self.engine.random_outputs is not None:  # weights=random: verdicts at the configured pass rate
+            return random_weights.judge_passes(self.engine.random_outputs, seed)
         t = self.sampling.temperature
         if t <= 0:
             return p_yes >= 0.5
@@ -241,8 +281,9 @@ class LocalJudge:
         seeds = [row_seed(self.seed, "refine", qid, j) for qid, _, _, j, _ in items]
         # Prefill the answer marker: the model writes the refined prompt and stops at [[end]].
         prefill = "Final Refined Prompt: [[start]] "
-        texts = [c.text for c in self.engine.generate(msgs, seeds, self.sampling, prefills=[prefill] * len(items),
-                                                      stop=("[[end]]",))]
+        texts = [c.text for c in self.engine.generate(
+            msgs, seeds, self.sampling, prefills=[prefill] * len(items), stop=("[[end]]",),
+            forced_lengths=random_weights.stage_lengths(self.engine, "refine", seeds, self.sampling.max_new_tokens))]
         out = []
         for t in texts:
             parsed = prompts.parse_refinement(prefill + t + " [[end]]")

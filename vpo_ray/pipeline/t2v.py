@@ -13,10 +13,11 @@ skips denoising steps except the `cache=` family, which is approximate by design
 keep bf16 precision except `linear=fp8` (e4m3 GEMMs, stated error in benchmarks/README.md).
 
 `model` is a registry preset or name (`registry.load_t2v_pipeline`), a local pipeline
-directory, or `arch:<name>`: the real architecture from `vpo_ray/models/configs/<name>/`
-with random weights (same compute as the released weights; for benchmarks and memory
-sizing). An `arch:` pipeline has no text encoder: prompts map to fixed pseudo-random
-embeddings of the encoder's output shape, derived from a hash of the text.
+directory, a weights=random reference (`random_weights.RandomModel` or "random:<name>": the
+whole pipeline at real size with random weights, text encoder and stand-in tokenizer
+included), or `arch:<name>`: the transformer and VAE from `vpo_ray/models/configs/<name>/`
+with random weights and no text encoder (the video benchmark's set-up): prompts map to
+fixed pseudo-random embeddings of the encoder's output shape, derived from a hash of the text.
 """
 from __future__ import annotations
 
@@ -113,44 +114,27 @@ def arch_names() -> list[str]:
 
 
 def build_arch_pipeline(name: str, device: str, dtype: Optional[str] = None, seed: int = 0):
-    """The released architecture of registry model `name` with random weights, built on `device`.
+    """The released architecture of registry model `name` with random weights, built on `device`, no text encoder.
 
-    Transformer and VAE come from `registry.random_init_from_config` (configs/<name>/*.json),
-    constructed directly on the device (fast) under `seed`, so two builds on one device are
-    identical; the VAE takes the registry entry's `vae_dtype` where it names one. The text
-    encoder is left out; its output shape (max_sequence_length of the pipeline, d_model of
-    configs/<name>/text_encoder.json) is recorded as `_vpo_text_shape`.
+    Transformer and VAE from configs/<name>/ (`random_weights.build_t2v_pipeline`), built
+    directly on the device under `seed`, so two builds on one device are identical. The
+    text encoder's output shape (max_sequence_length x d_model) is `_vpo_text_shape`.
     """
-    import inspect
-
-    import diffusers
-    import torch
-
-    from vpo_ray.models import registry
+    from vpo_ray.models import random_weights
 
     if name not in arch_names():
         raise ValueError(f"model 'arch:{name}': no architecture config (known: {', '.join(arch_names())})")
-    spec = registry.get_spec(name, "t2v")
-    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    vae_dtype = spec.option("vae_dtype") or dtype  # e.g. Wan keeps its VAE in float32, as its card does
-    with torch.device(device):
-        parts = registry.random_init_from_config(spec, ["transformer"], device=device, dtype=dtype, seed=seed)
-        parts.update(registry.random_init_from_config(spec, ["vae"], device=device, dtype=vae_dtype, seed=seed + 1))
-    sched_cfg = json.loads((ARCH_DIR / name / "scheduler" / "scheduler_config.json").read_text())
-    parts["scheduler"] = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
-    pipe_cls = getattr(diffusers, spec.model_class.rpartition(".")[2])
-    pipe = pipe_cls(text_encoder=None, tokenizer=None, **parts)
-    text_len = inspect.signature(pipe_cls.__call__).parameters["max_sequence_length"].default
-    d_model = json.loads((ARCH_DIR / name / "text_encoder.json").read_text())["d_model"]
-    pipe._vpo_text_shape = (int(text_len), int(d_model))
-    return pipe
+    return random_weights.build_t2v_pipeline(name, device, dtype, seed=seed, text_encoder=False)
 
 
-def load_pipeline(model: str, device: str, dtype: Optional[str] = None):
-    """(pipeline on `device`, model name for the output rows)."""
+def load_pipeline(model, device: str, dtype: Optional[str] = None):
+    """(pipeline on `device`, model name for the output rows); `model` may be a weights=random reference."""
+    from vpo_ray.models import random_weights, registry
+
+    if random_weights.as_random(model) is not None:  # the whole pipeline, text encoder included
+        return registry.load_t2v_pipeline(model, device, dtype), str(model)
     if model.startswith(ARCH_PREFIX):
         return build_arch_pipeline(model[len(ARCH_PREFIX):], device, dtype), model
-    from vpo_ray.models import registry
 
     if Path(model).is_dir():
         return registry.load_t2v_pipeline(model, device, dtype), model
@@ -357,7 +341,7 @@ class T2VRenderer:
         self.timings = timings
         offload = bool(self.opts.get("offload"))
         # A checkpoint to offload is loaded on the CPU; a random-weight arch: build is made on the device (fast) and moved.
-        load_device = "cpu" if offload and not model.startswith(ARCH_PREFIX) else self.device
+        load_device = "cpu" if offload and not str(model).startswith((ARCH_PREFIX, "random:")) else self.device
         self.pipe, self.model_name = load_pipeline(model, load_device, dtype_name(dtype, self.device))
         self.dtype = self.pipe.transformer.dtype
         self.pipe.to("cpu" if offload else self.device)

@@ -13,6 +13,7 @@ from typing import Optional
 import numpy as np
 
 from vpo_ray.config import ChecklistItem
+from vpo_ray.models import random_weights
 
 
 def weighted_score(p_yes: list[float], weights: list[float]) -> float:
@@ -34,6 +35,8 @@ class VideoJudge:
         self.yes_ids, self.no_ids = yes_no_token_ids(tok)
         self.checklist = [ChecklistItem(**c) for c in checklist]
         self.num_frames = num_frames
+        # weights=random: answers come from the output model (the forward passes still run at full size)
+        self.random_outputs = random_weights.outputs_of(self.model)
 
     def answer(self, frames: np.ndarray, query: str) -> list[dict]:
         from vpo_ray.models.registry import video_judge_inputs
@@ -67,6 +70,9 @@ class VideoJudge:
             try:
                 frames = read_frames(str(batch["video_uri"][i]), self.num_frames)
                 ans = self.answer(frames, str(batch["text"][i]))
+                if self.random_outputs is not None:
+                    key = [batch[k][i] for k in ("query_id", "sample_idx", "seed") if k in batch]
+                    ans = random_weights.checklist_answers(self.random_outputs, key, ans)
                 checklists.append(json.dumps(ans))
                 scores.append(weighted_score([a["p_yes"] for a in ans], weights))
             except Exception as e:  # one bad video must not sink the batch
