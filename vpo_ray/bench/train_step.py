@@ -239,6 +239,8 @@ def bench_method(method: str, cfg: BenchConfig, device: str) -> dict:
 
 
 def run(cfg: BenchConfig) -> dict:
+    if cfg.train.engine == "trl":
+        return run_stack(cfg)
     from vpo_ray import storage
     from vpo_ray.bench.plotting import plot_bars
 
@@ -266,3 +268,42 @@ def run(cfg: BenchConfig) -> dict:
     rec["png"] = png
     common.write_record(cfg.out, stem, rec)
     return rec
+
+
+def run_stack(cfg: BenchConfig) -> dict:
+    """engine=trl: `vpo train` runs in the order given; the record is rewritten after each run."""
+    from vpo_ray import storage
+    from vpo_ray.bench import train_stack
+
+    tc = cfg.train
+    device = common.resolve_device(cfg.device)
+    storage.makedirs(cfg.out)
+    specs = [train_stack.parse_run(r) for r in tc.runs] or [
+        train_stack.RunSpec(m, tc.workers, tc.zero_stage, tc.batch_size) for m in tc.methods]
+    model = "tiny-optimizer" if cfg.preset == "tiny" else tc.model
+    stem = f"train_step_{model}_trl"
+    rec = {"benchmark": "train-step", "engine": "trl (vpo train: Ray Train + TRL + DeepSpeed)", "model": model,
+           "weights": "random (real architecture)" if cfg.preset != "tiny" else "tiny preset architecture, random",
+           "device": common.device_facts(device), "versions": common.versions(), "config": dataclasses.asdict(tc),
+           "precision": "bf16 weights and activations, fp32 master weights and optimizer (DeepSpeed)"
+           if device.startswith("cuda") else "fp32",
+           "warmup_note": f"first {tc.warmup_steps} optimizer steps of each run excluded; median of the rest",
+           "runs": {}, "scaling": []}
+    png = storage.join(cfg.out, f"{stem}.png")
+    for spec in specs:
+        common.guarded(rec["runs"], spec.name, lambda s=spec: train_stack.run_one(s, cfg, model, device))
+        rec["scaling"] = train_stack.scaling(rec["runs"])
+        _plot_runs(rec, png)
+        rec["png"] = png
+        common.write_record(cfg.out, stem, rec)
+    return rec
+
+
+def _plot_runs(rec: dict, png: str) -> None:
+    from vpo_ray.bench.plotting import plot_bars
+
+    groups = {name: {"tokens/s per GPU": r.get("tokens_per_s_per_gpu")} for name, r in rec["runs"].items()
+              if "error" not in r}
+    mfu = ", ".join(f"{n} {r['mfu']}" for n, r in rec["runs"].items() if r.get("mfu") is not None)
+    plot_bars(f"vpo train step, {rec['model']} on {rec['device']['name']}", groups, "tokens / s per GPU", png,
+              note=f"MFU vs datasheet: {mfu}" if mfu else None)

@@ -30,10 +30,17 @@ class TrainError(RuntimeError):
 
 
 def resolve_model(cfg: TrainConfig) -> str:
-    """The base model: cfg.model (a path, hub id or registry name), else the preset's optimizer."""
-    from vpo_ray.models.registry import get_spec, model_path
+    """The base model: cfg.model (a path, hub id or registry name), else the preset's optimizer.
 
-    return model_path(cfg.model) if cfg.model else model_path(get_spec(cfg.preset, "optimizer"))
+    weights=random keeps a (non-tiny) registry name as is: the workers build its shipped
+    architecture, so nothing is downloaded.
+    """
+    from vpo_ray.models.registry import MODELS, get_spec, model_path
+
+    name = cfg.model or get_spec(cfg.preset, "optimizer").name
+    if cfg.weights == "random" and name in MODELS and not MODELS[name].tiny and not os.path.isdir(name):
+        return name
+    return model_path(name)
 
 
 def _abs(uri: str) -> str:
@@ -66,7 +73,8 @@ def build_trainer(cfg: TrainConfig, model_path: str, ref_model_path: Optional[st
     return TorchTrainer(
         train_worker,
         train_loop_config={"cfg": to_dict(cfg), "model_path": model_path, "ref_model_path": ref_model_path,
-                           "deepspeed": deepspeed_config(cfg), "job_id": job_id},
+                           "deepspeed": deepspeed_config(cfg), "job_id": job_id,
+                           "measure_ceiling": cfg.use_gpu and cfg.weights == "random"},  # benchmark runs
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
@@ -82,9 +90,8 @@ def build_trainer(cfg: TrainConfig, model_path: str, ref_model_path: Optional[st
 
 def train(cfg: TrainConfig) -> dict:
     """Validate the data, train on Ray, export; returns (and writes) DIR/summary.json."""
-    from transformers import AutoTokenizer
-
     from vpo_ray.ray_utils import init_ray
+    from vpo_ray.train.build import load_tokenizer
     from vpo_ray.train.data import validate_training_set
     from vpo_ray.train.metrics import plot_losses, read_steps, summarise
     from vpo_ray.train.worker import deepspeed_config
@@ -98,7 +105,7 @@ def train(cfg: TrainConfig) -> dict:
         from vpo_ray.models.registry import model_path as registry_path
 
         ref_model_path = registry_path(cfg.ref_model)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = load_tokenizer(cfg, model_path)
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"model: the tokenizer of {model_path} has no chat template; the sets are chat-formatted")
     report = validate_training_set(cfg.data, cfg.method, tokenizer, cfg.max_length)
@@ -131,13 +138,13 @@ def train(cfg: TrainConfig) -> dict:
     if state.get("resumed_from"):
         log.info("resumed from %s", state["resumed_from"])
 
-    metrics_uri = storage.join(cfg.out, "metrics.jsonl")
-    rows = read_steps(metrics_uri)
+    rows = read_steps(storage.join(cfg.out, "metrics.jsonl"))
     plot_losses(rows, storage.join(cfg.out, "loss.png"), title=f"{cfg.method.upper()} ({os.path.basename(cfg.out)})")
     summary = {
         "method": cfg.method,
-        "model": storage.join(cfg.out, "model"),
+        "model": storage.join(cfg.out, "model") if cfg.export else None,
         "base_model": model_path,
+        "weights": cfg.weights,
         "rows": report.rows,
         "global_step": state["global_step"],
         "num_workers": cfg.num_workers,
@@ -153,9 +160,26 @@ def train(cfg: TrainConfig) -> dict:
         "ray_start_seconds": round(state.get("rank0_seconds", {}).get("started_at", fit_started_at) - fit_started_at, 2),
         "ray_stop_seconds": round(fit_started_at + fit_s - state.get("finished_at", fit_started_at + fit_s), 2),
         "wall_seconds": round(time.perf_counter() - t0, 2),
+        **run_figures(cfg, rows, state),
     }
     storage.write_json(storage.join(cfg.out, "summary.json"), summary)
     return summary
+
+
+def run_figures(cfg: TrainConfig, rows: list[dict], state: dict) -> dict:
+    """Throughput, checkpoint seconds and the resume comparison for summary.json."""
+    from vpo_ray.train.callbacks import ATTEMPTS, REPLACED
+    from vpo_ray.train.throughput import resume_check, throughput
+
+    # Only this call's attempts (an earlier call with the same out left its own rows)
+    attempts = [a for a in storage.read_jsonl(storage.join(cfg.out, ATTEMPTS)) if a.get("job_id") == state.get("job_id")]
+    started = {a["started_at"] for a in attempts}
+    replaced = [r for r in storage.read_jsonl(storage.join(cfg.out, REPLACED)) if r.get("attempt_started_at") in started]
+    ref_in_step = cfg.method == "dpo" and not cfg.precompute_ref_log_probs
+    return {"throughput": throughput(rows, state, cfg.method, ref_in_step),
+            "checkpoint_saves": state.get("checkpoint_saves", []),  # the last attempt's, rank 0
+            "attempts": attempts,  # train_begin_s of a resumed attempt includes reading the checkpoint
+            "resume_check": resume_check(rows, replaced)}
 
 
 def add_arguments(p) -> None:

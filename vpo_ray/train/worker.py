@@ -1,10 +1,10 @@
 """What each Ray Train worker runs: TRL's SFTTrainer/DPOTrainer under DeepSpeed (or DDP).
 
-Checkpoints: every rank trains into its own node-local output dir; at each save the
-HF checkpoint dir (model, trainer state, scheduler, this rank's optimizer shard and RNG
-state) is reported with `ray.train.report`, and Ray Train merges the ranks' files
-into one checkpoint in storage. After a restart (a dead worker, or a re-run with the
-same out and run name) `ray.train.get_checkpoint()` hands that merged dir back and HF
+The model comes from vpo_ray.train.build: pretrained weights, or (weights=random) a real
+architecture with random weights built in place; under ZeRO-3 each rank creates and shards
+it on its own GPU. Callbacks (vpo_ray.train.callbacks) hand checkpoints to Ray Train and log
+per-step seconds, tokens and GPU memory. After a restart (a dead worker, or a re-run with
+the same out and run name) `ray.train.get_checkpoint()` hands the last checkpoint back and HF
 Trainer resumes from it: weights, optimizer, scheduler, RNG and data position.
 
 The export (DIR/model/) is written by rank 0 after the last step: full weights as
@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 from vpo_ray import storage
 from vpo_ray.config import ConfigError, TrainConfig
+from vpo_ray.train.callbacks import FAULT_MARKER, HF_CKPT, callback_classes, write_metrics
 
 log = logging.getLogger("vpo.train")
 
@@ -32,8 +33,10 @@ PAPER_DEFAULTS = {  # VPO paper hyper-parameters (full fine-tune)
     "sft": {"learning_rate": 2e-6, "epochs": 5.0, "lr_scheduler": "constant_with_warmup"},
     "dpo": {"learning_rate": 5e-7, "epochs": 1.0, "lr_scheduler": "linear"},
 }
-HF_CKPT = "checkpoint"  # the HF checkpoint's folder name inside a Ray checkpoint (as RayTrainReportCallback)
-FAULT_MARKER = ".fault_injected"
+HF_OUTPUT = "_hf_output"  # shared checkpoints: the HF output dir inside the Ray run dir
+# DeepSpeed keys a bucket size sets, per ZeRO stage (elements; HF's "auto" is hidden^2)
+BUCKET_KEYS = {2: ("reduce_bucket_size", "allgather_bucket_size"),
+               3: ("reduce_bucket_size", "stage3_prefetch_bucket_size")}
 
 
 def resolved(cfg: TrainConfig, key: str) -> Any:
@@ -42,7 +45,7 @@ def resolved(cfg: TrainConfig, key: str) -> Any:
 
 
 def deepspeed_config(cfg: TrainConfig) -> Optional[dict]:
-    """The DeepSpeed JSON for `cfg` (stage, offload, precision filled in); None = plain DDP."""
+    """The DeepSpeed JSON for `cfg` (stage, offload, overlap, buckets filled in); None = plain DDP."""
     if cfg.deepspeed_stage == 0:
         return None
     path = cfg.deepspeed_config or str(DS_DIR / f"zero{cfg.deepspeed_stage}.json")
@@ -53,16 +56,23 @@ def deepspeed_config(cfg: TrainConfig) -> Optional[dict]:
     if not isinstance(ds, dict):
         raise ConfigError(f"deepspeed_config: {path} must hold a JSON object")
     zero = ds.setdefault("zero_optimization", {})
-    if not cfg.deepspeed_config:  # a user's own JSON is taken as given
-        zero["stage"] = cfg.deepspeed_stage
-        device = "cpu" if cfg.offload else "none"
-        for key in ("offload_optimizer", "offload_param"):
-            if key in zero:
-                zero[key]["device"] = device
-                zero[key]["pin_memory"] = bool(cfg.use_gpu)
-        if cfg.offload:  # ZeRO-Offload steps the optimizer on CPU: DeepSpeedCPUAdam (JIT-built op)
-            ds["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
-                                                           "weight_decay": "auto"}}
+    if cfg.deepspeed_config:  # a user's own JSON is taken as given
+        return ds
+    zero["stage"] = cfg.deepspeed_stage
+    device = "cpu" if cfg.offload else "none"
+    for key in ("offload_optimizer", "offload_param"):
+        if key in zero:
+            zero[key]["device"] = device
+            zero[key]["pin_memory"] = bool(cfg.use_gpu)
+    if cfg.offload:
+        # ZeRO-Offload steps HF's torch AdamW on the CPU partitions (fused CPU kernel) instead of
+        # DeepSpeedCPUAdam, whose C++ op would be JIT-compiled on every fresh GPU node.
+        ds["zero_force_ds_cpu_optimizer"] = False
+    # Overlapping reduction with backward pays on GPUs (NCCL on its own stream); gloo on CPU gains nothing.
+    zero["overlap_comm"] = cfg.use_gpu if cfg.overlap_comm is None else cfg.overlap_comm
+    if cfg.bucket_size:
+        for key in BUCKET_KEYS[cfg.deepspeed_stage]:
+            zero[key] = cfg.bucket_size
     return ds
 
 
@@ -83,10 +93,11 @@ def training_args(cfg: TrainConfig, output_dir: str, ds_config: Optional[dict]):
         per_device_train_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         max_length=cfg.max_length,
         logging_steps=cfg.logging_steps,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
+        save_strategy="steps" if cfg.save_steps > 0 else "no",
+        save_steps=max(cfg.save_steps, 1),
         save_only_model=False,  # optimizer + scheduler + RNG are needed to resume
         report_to="none",
         seed=cfg.seed,
@@ -99,11 +110,10 @@ def training_args(cfg: TrainConfig, output_dir: str, ds_config: Optional[dict]):
         dataloader_num_workers=0,
         disable_tqdm=True,
         dataset_num_proc=None,
-        model_init_kwargs={"dtype": "float32"},  # master weights fp32; bf16/fp16 are mixed precision
     )
     if cfg.method == "sft":
-        return SFTConfig(**common)
-    return DPOConfig(beta=cfg.beta, **common)
+        return SFTConfig(packing=cfg.packing, **common)  # packing (bfd) is padding-free in TRL
+    return DPOConfig(beta=cfg.beta, precompute_ref_log_probs=cfg.precompute_ref_log_probs, **common)
 
 
 def lora_config(cfg: TrainConfig):
@@ -112,113 +122,6 @@ def lora_config(cfg: TrainConfig):
     targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else [t.strip() for t in cfg.lora_targets.split(",")]
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, task_type="CAUSAL_LM")
-
-
-# ---------------------------------------------------------------------------- callbacks
-
-def _callbacks():
-    """Callback classes, defined lazily so importing this module stays light."""
-    import ray.train
-    from ray.train.huggingface.transformers import RayTrainReportCallback
-    from transformers import TrainerCallback
-
-    class CheckpointToRay(RayTrainReportCallback):
-        """RayTrainReportCallback with per-rank dirs: each rank reports the files it wrote.
-
-        Moves (not copies) the local HF checkpoint into the report dir, so a node's disk
-        holds at most one checkpoint; the step's metrics ride along with it. After a
-        fallback past a damaged checkpoint, new names get a suffix so that they never
-        land in (or get deleted with) the damaged one's folder.
-        """
-
-        def __init__(self, suffix: str = ""):
-            super().__init__()
-            self.suffix = suffix
-
-        def on_save(self, args, state, control, **kwargs):
-            src = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            stage = Path(args.output_dir) / "_report"
-            shutil.rmtree(stage, ignore_errors=True)
-            stage.mkdir(parents=True)
-            checkpoint = None
-            if src.is_dir():
-                os.replace(src, stage / HF_CKPT)
-                checkpoint = ray.train.Checkpoint.from_directory(str(stage))
-            metrics = _last_step_metrics(state)
-            ray.train.report(metrics, checkpoint=checkpoint,
-                             checkpoint_dir_name=f"checkpoint_{state.global_step:08d}{self.suffix}")
-            shutil.rmtree(stage, ignore_errors=True)
-
-    class StepMetrics(TrainerCallback):
-        """Adds tokens/s to each step's log; rank 0 appends the step to metrics.jsonl."""
-
-        def __init__(self, metrics_uri: str, rank: int):
-            self.uri, self.rank = metrics_uri, rank
-            self.t0, self.tokens0 = None, 0.0
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.t0, self.tokens0 = time.perf_counter(), 0.0
-            if self.rank == 0:  # after a resume, the history restored with the checkpoint is the truth
-                write_metrics(self.uri, state.log_history)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or "loss" not in logs or not state.log_history:
-                return
-            now = time.perf_counter()
-            tokens = float(logs.get("num_tokens", 0.0))
-            if self.t0 is not None and now > self.t0 and tokens > self.tokens0:
-                tps = (tokens - self.tokens0) / (now - self.t0)
-                state.log_history[-1]["tokens_per_second"] = round(tps, 2)  # kept in trainer_state.json
-            self.t0, self.tokens0 = now, tokens
-            if self.rank == 0:
-                append_metrics(self.uri, state.log_history[-1])
-
-        def on_save(self, args, state, control, **kwargs):
-            if self.rank == 0 and not storage.is_local(self.uri):  # object stores cannot append
-                write_metrics(self.uri, state.log_history)
-
-    class CrashOnce(TrainerCallback):
-        """Chaos drill (cfg.fault_step): the last rank dies once, like a lost node."""
-
-        def __init__(self, step: int, marker: str, rank: int, world: int):
-            self.step, self.marker, self.armed = step, marker, rank == world - 1
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.armed and state.global_step == self.step and not storage.exists(self.marker):
-                storage.write_text(self.marker, f"killed at step {state.global_step}\n")
-                log.warning("fault drill: worker exits at step %d", state.global_step)
-                os._exit(1)
-
-    return CheckpointToRay, StepMetrics, CrashOnce
-
-
-def _last_step_metrics(state) -> dict:
-    """The newest logged step's numbers (what Ray attaches to the checkpoint)."""
-    out: dict = {"epoch": float(state.epoch or 0.0)}
-    latest = next((e for e in reversed(state.log_history) if "loss" in e), {})
-    for k, v in latest.items():
-        if isinstance(v, (int, float)):
-            out[k] = v
-    out["step"] = state.global_step
-    return out
-
-
-# ---------------------------------------------------------------------------- metrics files
-
-def step_rows(log_history: list) -> list[dict]:
-    return [dict(e) for e in log_history if "loss" in e]
-
-
-def write_metrics(uri: str, log_history: list) -> None:
-    storage.write_jsonl(uri, step_rows(log_history))
-
-
-def append_metrics(uri: str, entry: dict) -> None:
-    line = json.dumps(entry, default=float) + "\n"
-    if storage.is_local(uri):
-        with open(storage.local_path(uri), "a") as f:
-            f.write(line)
-    # remote URIs: the whole file is rewritten at each checkpoint and at the end
 
 
 # ---------------------------------------------------------------------------- export
@@ -360,6 +263,89 @@ def pick_checkpoint(latest, rank: int, fallback: bool) -> dict:
     return choice
 
 
+def shared_run_dir() -> Optional[str]:
+    """The Ray run dir when it is a plain filesystem path every rank sees (checkpoints then move, not copy)."""
+    import pyarrow.fs as pafs
+    import ray.train
+
+    store = ray.train.get_context().get_storage()
+    return store.experiment_fs_path if isinstance(store.storage_filesystem, pafs.LocalFileSystem) else None
+
+
+def _restore(cfg: TrainConfig, rank: int, stack) -> tuple[Optional[str], dict]:
+    """(HF checkpoint dir to resume from or None, {"path", "skipped"}) for this attempt."""
+    import ray.train
+
+    checkpoint, own_run = ray.train.get_checkpoint(), True
+    if checkpoint is None and cfg.resume_from:
+        checkpoint, own_run = ray.train.Checkpoint(cfg.resume_from), False
+    if checkpoint is None:
+        return None, {"path": None, "skipped": []}
+    # This run's own checkpoints: a damaged newest one falls back to the one before.
+    restore = pick_checkpoint(checkpoint, rank, fallback=own_run)
+    if restore["path"] is None:
+        why = "; ".join(f"{s['checkpoint']}: {s['why']}" for s in restore["skipped"])
+        raise RuntimeError(f"no usable checkpoint to resume from ({why})")
+    chosen = ray.train.Checkpoint(restore["path"], filesystem=checkpoint.filesystem)
+    print(f"[vpo train] rank {rank} resumes from {chosen.path}", flush=True)
+    return _resume_dir(stack.enter_context(chosen.as_directory())), restore
+
+
+def _output_dir(run_dir: Optional[str], local_root: str, rank: int) -> str:
+    """Where HF writes checkpoints: one dir for all ranks beside the Ray run, else this rank's own."""
+    import torch.distributed as dist
+
+    if not run_dir:
+        return os.path.join(local_root, "hf")
+    out = os.path.join(run_dir, HF_OUTPUT)
+    if rank == 0:
+        shutil.rmtree(out, ignore_errors=True)  # a crashed attempt's half-written save
+    if dist.is_initialized():
+        dist.barrier()
+    return out
+
+
+def _gpu_facts(cfg: TrainConfig, measure_ceiling: bool) -> dict:
+    """This rank's device name, datasheet bf16 peak and (if asked) measured matmul ceiling."""
+    if not cfg.use_gpu:
+        return {"device_name": "cpu", "peak_bf16_tflops": None, "matmul_ceiling_tflops": None}
+    import ray.train.torch
+    import torch
+
+    from vpo_ray.bench import common
+    from vpo_ray.bench.flops import peak_tflops
+
+    device = ray.train.torch.get_device()
+    torch.cuda.set_device(device)
+    name = torch.cuda.get_device_name(device)
+    ceiling = common.matmul_ceiling_tflops(str(device)) if measure_ceiling else None
+    torch.cuda.reset_peak_memory_stats()
+    return {"device_name": name, "peak_bf16_tflops": peak_tflops(name), "matmul_ceiling_tflops": ceiling}
+
+
+def _make_trainer(cfg: TrainConfig, config: dict, args, datasets_cache: str):
+    """The TRL trainer for this rank, its model built in place (after `args`: ZeRO-3 init).
+
+    `datasets_cache` is one dir for all ranks (of a node at least): TRL's precomputed reference
+    log-probs are written once by rank 0 into the dataset's cache and read back by every rank.
+    """
+    from vpo_ray.train.build import build_model, load_tokenizer, reference_model
+    from vpo_ray.train.data import load_for_trl
+
+    model_path = config["model_path"]
+    dataset = load_for_trl(cfg.data, cfg.method, cache_dir=datasets_cache)
+    kwargs: dict = dict(model=build_model(cfg, model_path), args=args, train_dataset=dataset,
+                        processing_class=load_tokenizer(cfg, model_path),
+                        peft_config=lora_config(cfg) if cfg.lora else None)
+    if cfg.method == "sft":
+        from trl import SFTTrainer as Trainer
+    else:
+        from trl import DPOTrainer as Trainer
+
+        kwargs["ref_model"] = reference_model(cfg, model_path, config.get("ref_model_path"))
+    return Trainer(**kwargs)
+
+
 def train_worker(config: dict) -> None:
     """Ray Train's train_loop_per_worker: one rank of SFT or DPO."""
     import contextlib
@@ -373,75 +359,60 @@ def train_worker(config: dict) -> None:
 
     import ray.train
     from ray.train.huggingface.transformers import prepare_trainer
-    from transformers import AutoTokenizer
 
     from vpo_ray.config import _build
-    from vpo_ray.train.data import load_for_trl
+    from vpo_ray.train.build import parameter_count
 
     mark("import_s")
     cfg: TrainConfig = _build(TrainConfig, config["cfg"])
-    model_path: str = config["model_path"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    facts = _gpu_facts(cfg, bool(config.get("measure_ceiling")))
     if cfg.deepspeed_stage > 0:
         import deepspeed
 
-        # ZeRO-3's zero.Init (inside from_pretrained) needs DeepSpeed's comm set up on Ray's process group.
+        # ZeRO-3's zero.Init (inside from_config/from_pretrained) needs DeepSpeed's comm on Ray's process group.
         deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
     local_root = tempfile.mkdtemp(prefix=f"vpo-train-{cfg.method}-r{rank}-")
-    checkpoint, own_run = ray.train.get_checkpoint(), True
-    if checkpoint is None and cfg.resume_from:
-        checkpoint, own_run = ray.train.Checkpoint(cfg.resume_from), False
-    restore: dict = {"path": None, "skipped": []}
-    CheckpointToRay, StepMetrics, CrashOnce = _callbacks()
+    run_dir = shared_run_dir()
+    CheckpointToRay, StepMetrics, CrashOnce = callback_classes()
     try:
         with contextlib.ExitStack() as stack:
-            resume = None
-            if checkpoint is not None:
-                # This run's own checkpoints: a damaged newest one falls back to the one before.
-                restore = pick_checkpoint(checkpoint, rank, fallback=own_run)
-                if restore["path"] is None:
-                    why = "; ".join(f"{s['checkpoint']}: {s['why']}" for s in restore["skipped"])
-                    raise RuntimeError(f"no usable checkpoint to resume from ({why})")
-                chosen = ray.train.Checkpoint(restore["path"], filesystem=checkpoint.filesystem)
-                resume = _resume_dir(stack.enter_context(chosen.as_directory()))
-                print(f"[vpo train] rank {rank} resumes from {chosen.path}", flush=True)
-            dataset = load_for_trl(cfg.data, cfg.method, cache_dir=os.path.join(local_root, "hf_datasets"))
-            tokenizer = AutoTokenizer.from_pretrained(model_path)
-            if tokenizer.pad_token is None:
-                tokenizer.pad_token = tokenizer.eos_token
-            args = training_args(cfg, os.path.join(local_root, "hf"), config.get("deepspeed"))
-            kwargs: dict = dict(model=model_path, args=args, train_dataset=dataset, processing_class=tokenizer,
-                                peft_config=lora_config(cfg) if cfg.lora else None)
-            if cfg.method == "sft":
-                from trl import SFTTrainer as Trainer
-            else:
-                from trl import DPOTrainer as Trainer
-                if config.get("ref_model_path"):
-                    from transformers import AutoModelForCausalLM
-
-                    kwargs["ref_model"] = AutoModelForCausalLM.from_pretrained(config["ref_model_path"], dtype="float32")
-            trainer = Trainer(**kwargs)
+            resume, restore = _restore(cfg, rank, stack)
+            args = training_args(cfg, _output_dir(run_dir, local_root, rank), config.get("deepspeed"))
+            cache = os.path.join(run_dir or tempfile.gettempdir(), f"_hf_datasets-{config.get('job_id', '')}")
+            trainer = _make_trainer(cfg, config, args, cache)
+            mark("setup_s")
             suffix = ""
             if restore["skipped"]:
                 suffix = "_from" + os.path.basename(restore["path"].rstrip("/")).split("_")[1].lstrip("0")
-            trainer.add_callback(CheckpointToRay(suffix))
-            trainer.add_callback(StepMetrics(storage.join(cfg.out, "metrics.jsonl"), rank))
+            saver = CheckpointToRay(suffix, run_dir, rank)
+            attempt = {**phases, "job_id": config.get("job_id", ""), "resumed_from": restore["path"],
+                       "_train_called": time.perf_counter()}
+            for callback in (saver, StepMetrics(cfg.out, rank, attempt)):
+                trainer.add_callback(callback)
             if cfg.fault_step > 0:
                 trainer.add_callback(CrashOnce(cfg.fault_step, storage.join(cfg.out, FAULT_MARKER), rank, world))
             trainer = prepare_trainer(trainer)
-            mark("setup_s")
             trainer.train(resume_from_checkpoint=resume)
             mark("train_s")
-        export_model(trainer, cfg, model_path, rank, local_root, storage.join(cfg.out, "model"))
-        mark("export_s")
+        if cfg.export:
+            export_model(trainer, cfg, config["model_path"], rank, local_root, storage.join(cfg.out, "model"))
+            mark("export_s")
         if rank == 0:
-            write_metrics(storage.join(cfg.out, "metrics.jsonl"), trainer.state.log_history)
-            summary = [e for e in trainer.state.log_history if "train_runtime" in e]
-            storage.write_json(storage.join(cfg.out, "train_state.json"),
-                               {"global_step": trainer.state.global_step, "epoch": trainer.state.epoch,
-                                "summary": summary[-1] if summary else {}, "rank0_seconds": phases,
-                                "finished_at": time.time(), "job_id": config.get("job_id", ""),
-                                "resumed_from": restore["path"], "skipped_checkpoints": restore["skipped"]})
+            _write_state(cfg, trainer, config, {**facts, "world_size": world, "rank0_seconds": phases,
+                                                "params": parameter_count(trainer.model), "resumed_from": restore["path"],
+                                                "skipped_checkpoints": restore["skipped"],
+                                                "checkpoint_saves": saver.saves, "attempt": attempt})
     finally:
         shutil.rmtree(local_root, ignore_errors=True)
+
+
+def _write_state(cfg: TrainConfig, trainer, config: dict, extra: dict) -> None:
+    """Rank 0: the final metrics.jsonl and train_state.json (the driver's proof that this call finished)."""
+    write_metrics(storage.join(cfg.out, "metrics.jsonl"), trainer.state.log_history)
+    summary = [e for e in trainer.state.log_history if "train_runtime" in e]
+    storage.write_json(storage.join(cfg.out, "train_state.json"),
+                       {"global_step": trainer.state.global_step, "epoch": trainer.state.epoch,
+                        "summary": summary[-1] if summary else {}, "finished_at": time.time(),
+                        "job_id": config.get("job_id", ""), **extra})

@@ -1,0 +1,112 @@
+"""The tokenizer and models a training rank starts from: pretrained weights, or a real
+architecture with random weights (`weights=random`).
+
+weights=pretrained: `model` is a checkpoint dir or hub id, loaded with `from_pretrained`.
+weights=random: the architecture of `model` (a registry name whose config ships in
+vpo_ray/models/configs/<name>/model.json, or a dir holding a config.json) is built with
+`from_config`. Both run after the TrainingArguments exist, so under ZeRO-3 transformers
+wraps construction in `deepspeed.zero.Init`: each layer is created on this rank's GPU and
+partitioned at once, and an 8B model never exists whole in CPU RAM or on one GPU (a plain
+fp32 CPU init per worker would take minutes and 32 GB of RAM each). The tokenizer of a
+random model is a stand-in whose ids all fall inside the architecture's vocabulary.
+
+Weights are built in the training precision when DeepSpeed runs (bf16/fp16: DeepSpeed keeps
+the fp32 master copy in the optimizer partitions); plain DDP keeps fp32 weights and autocasts.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+from vpo_ray.config import ConfigError, TrainConfig, replace
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def architecture_config(model: str):
+    """The transformers config of `model`: a dir holding config.json, or a registry name with a shipped config."""
+    from transformers import AutoConfig
+
+    from vpo_ray.models import registry
+
+    if os.path.isdir(model):
+        return AutoConfig.from_pretrained(model)
+    # TODO(helper A, #14): use the registry's weights=random API once it lands on main; until then
+    # the shipped architecture JSON is read the way registry.random_init_from_config reads it.
+    import json
+
+    spec = registry.get_spec(model)
+    path = registry.CONFIG_DIR / spec.name / "model.json"
+    if not path.is_file():
+        raise ConfigError(f"weights=random: no shipped architecture for {model!r} ({path}); "
+                          "give a registry LLM name or a dir holding a config.json")
+    fields = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    config_cls = json.loads(path.read_text()).get("_config_class", "transformers.AutoConfig")
+    return registry._import(config_cls)(**fields)
+
+
+def tokenizer_source(cfg: TrainConfig, model_path: str) -> str:
+    """Where the tokenizer comes from: the model itself, or the stand-in for a random-weight architecture."""
+    if cfg.weights == "pretrained":
+        return model_path
+    if os.path.isdir(model_path) and any(os.path.exists(os.path.join(model_path, f)) for f in TOKENIZER_FILES):
+        return model_path
+    from vpo_ray.models import registry
+
+    # TODO(helper A, #14): the registry's stand-in tokenizer with the real vocabulary size. The tiny
+    # preset's BPE (ChatML template, ~2k ids) stands in: every id it emits exists in any LLM vocabulary.
+    return registry.model_path(registry.get_spec("tiny", "optimizer"))
+
+
+def load_tokenizer(cfg: TrainConfig, model_path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(cfg, model_path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def weights_dtype(cfg: TrainConfig) -> str:
+    """bf16/fp16 weights under DeepSpeed (fp32 masters live in its optimizer); fp32 for plain DDP."""
+    if cfg.deepspeed_stage > 0 and cfg.precision in ("bf16", "fp16"):
+        return {"bf16": "bfloat16", "fp16": "float16"}[cfg.precision]
+    return "float32"
+
+
+def build_model(cfg: TrainConfig, model_path: str, seed: Optional[int] = None) -> Any:
+    """The policy (or a reference) as a module; call after the TrainingArguments (ZeRO-3 init)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": getattr(torch, weights_dtype(cfg)), "attn_implementation": cfg.attn_implementation}
+    if cfg.weights == "pretrained":
+        model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    else:
+        torch.manual_seed(cfg.seed if seed is None else seed)  # policy and reference draw the same weights
+        model = AutoModelForCausalLM.from_config(architecture_config(model_path), **kwargs)
+    model.config.use_cache = False  # training never decodes; the cache only costs memory
+    return model
+
+
+def parameter_count(model) -> int:
+    """Parameters of the whole model, also when ZeRO-3 holds only this rank's shard."""
+    return int(sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()))
+
+
+def reference_model(cfg: TrainConfig, model_path: str, ref_model_path: Optional[str]):
+    """The DPO reference TRL is handed, or None when TRL needs none (LoRA, precomputed log-probs, SFT).
+
+    A random-weight policy cannot be re-read from a path, so its reference is built again from
+    the same seed: both start equal, as a frozen copy of the policy would.
+    """
+    if cfg.method != "dpo" or cfg.lora:
+        return None
+    if ref_model_path:
+        return build_model(replace(cfg, weights="pretrained"), ref_model_path)
+    if cfg.precompute_ref_log_probs:
+        return None  # TRL runs the untrained policy over the set once, before the first step
+    if cfg.weights == "random":
+        return build_model(cfg, model_path)
+    return None  # TRL loads a frozen copy of `model` itself
+
