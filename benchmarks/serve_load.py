@@ -121,7 +121,8 @@ def deploy(args, max_batch_size: int, port: int, replicas: int = 1) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def bench(args) -> dict:
+def bench(args, save=lambda record: None) -> dict:
+    """All levels; `save(record)` runs after each one, so a run cut off by a time limit keeps what it measured."""
     record = {"benchmark": "serve_load", "host": platform.node(), "cpus": os.cpu_count(),
               "preset": None if args.url else (args.model or args.preset), "n": args.n,
               "max_new_tokens": args.max_new_tokens, "duration_s": args.duration_s,
@@ -150,6 +151,8 @@ def bench(args) -> dict:
                                                   args.timeout_s))
                     record["runs"].append({"replicas": replicas, "max_batch_size": bs, **level})
                     print(json.dumps(record["runs"][-1]), file=sys.stderr, flush=True)
+                    record["replica_scaling"] = replica_scaling(record["runs"])
+                    save(record)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -228,9 +231,13 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    record = bench(args)
-    (out / "serve_load.json").write_text(json.dumps(record, indent=2) + "\n")
-    plot(record, out / "serve_load.png")
+
+    def save(rec: dict) -> None:
+        (out / "serve_load.json").write_text(json.dumps(rec, indent=2) + "\n")
+        plot(rec, out / "serve_load.png")
+
+    record = bench(args, save)
+    save(record)
     print(json.dumps(record))
     return 0
 

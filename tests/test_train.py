@@ -216,3 +216,88 @@ def test_damaged_newest_checkpoint_is_skipped_for_the_one_before(zero2, tmp_path
     assert choice["path"] is None and len(choice["skipped"]) == 2
     # an explicit resume_from never wanders to other checkpoints
     assert pick_checkpoint(ray.train.Checkpoint(str(newest)), rank=0, fallback=False)["path"] is None
+
+
+# ---------------------------------------------------------------------------- weights=random, real architecture
+
+def shrunk_llama(root: Path) -> str:
+    """Llama-3-8B's architecture (llama3-8b-instruct's shipped config) shrunk to CPU size: a config.json only,
+    no weights and no tokenizer, as `weights=random` takes it. The vocabulary stays larger than the stand-in
+    tokenizer's, as the real one is."""
+    from vpo_ray.train.build import architecture_config
+
+    cfg = architecture_config("llama3-8b-instruct")
+    assert (cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size) == ("llama", 4096, 32, 128256)
+    cfg.update({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "vocab_size": 4096, "pad_token_id": None, "bos_token_id": None,
+                "eos_token_id": None})
+    cfg.save_pretrained(root)
+    return str(root)
+
+
+def llama_params(model_dir: str) -> int:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)).parameters())
+
+
+@pytest.fixture(scope="module")
+def random_sft(ray_session, data, tmp_path_factory):
+    """SFT of a random-weight Llama: ZeRO-3 init on 2 workers, packed rows, one checkpoint kept, a worker
+    killed at step 5 after the checkpoint of step 3, no checkpoint after the last step."""
+    root = tmp_path_factory.mktemp("random_sft")
+    arch = shrunk_llama(root / "arch")
+    summary = run_train("sft", data["sft"], root / "out", arch, weights="random", deepspeed_stage=3, packing=True,
+                        max_length=640, per_device_batch_size=1, max_steps=6, save_steps=3, keep_checkpoints=1,
+                        save_at_end=False, fault_step=6, max_failures=1, learning_rate=SFT_LR)
+    return root, arch, summary
+
+
+def test_random_weight_architecture_trains_packed_and_resumes(random_sft):
+    from transformers import AutoConfig
+
+    root, arch, summary = random_sft
+    out = root / "out"
+    assert summary["global_step"] == 6 and summary["weights"] == "random"
+    exported = AutoConfig.from_pretrained(summary["model"])
+    assert exported.model_type == "llama" and exported.num_hidden_layers == 2 and exported.hidden_size == 64
+    rows = steps(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    tp = summary["throughput"]
+    assert tp["params"] == llama_params(arch)  # counted from ZeRO-3 shards, the whole model
+    assert tp["ranks"] == 2 and tp["step_s_median"] > 0 and tp["tokens_per_s_per_gpu"] > 0
+    assert 2 * 400 < tp["tokens_per_step"] <= 2 * 640  # packed: 2+ rows of ~260 tokens per GPU, no padding
+    assert tp["mfu"] is None and tp["flops"] == "6·N·T"  # no datasheet peak for a CPU
+    # the kill: steps 4 and 5 were logged before it, trained again after the resume from step 3
+    check = summary["resume_check"]
+    assert check["steps_redone"] == [4, 5] and check["max_rel_loss_diff"] < 1e-4, check
+    attempts = summary["attempts"]
+    assert [a["start_step"] for a in attempts] == [0, 3] and attempts[1]["resumed_from"].endswith("checkpoint_00000003")
+    # one checkpoint, moved (not copied) into the run dir; none after the last step
+    run = out / "ray_results" / "sft"
+    assert sorted(p.name for p in run.glob("checkpoint_0*")) == ["checkpoint_00000003"]
+    assert not list((run / "_hf_output").glob("checkpoint-*"))
+    saves = summary["checkpoint_saves"]  # step 3 only: the resumed attempt saved nothing (save_at_end=false)
+    assert [s["step"] for s in saves] == [3] and saves[0]["write_s"] >= 0 and saves[0]["bytes"] > 0
+    assert summary["checkpoint_read_s"] is not None
+
+
+@pytest.fixture(scope="module")
+def random_dpo(ray_session, data, random_sft, tmp_path_factory):
+    """DPO of the same random-weight architecture, ZeRO-2: the reference is built from the same seed."""
+    root = tmp_path_factory.mktemp("random_dpo")
+    _, arch, _ = random_sft
+    return run_train("dpo", data["dpo"], root / "out", arch, weights="random", deepspeed_stage=2, max_steps=3,
+                     save_steps=0, export=False, learning_rate=DPO_LR), root / "out"
+
+
+def test_random_weight_dpo_starts_with_reference_equal_to_policy(random_dpo):
+    summary, out = random_dpo
+    rows = steps(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # log 2: policy == reference
+    assert summary["model"] is None and not (out / "model").exists()  # export=false
+    assert not list((out / "ray_results").rglob("checkpoint_0*"))  # save_steps=0: no checkpoint
+    assert summary["throughput"]["flops"].startswith("6·N·T + 2·N·T")  # the reference forward runs in each step

@@ -221,6 +221,7 @@ class TrainConfig:
     lora_targets: str = "all-linear"  # peft target_modules: "all-linear" or comma-separated module names
     save_steps: int = 50  # checkpoint (to Ray storage) every N optimizer steps, and at the end; 0 = never
     keep_checkpoints: int = 2  # Ray Train keeps this many latest checkpoints
+    save_at_end: bool = True  # also checkpoint after the last step (false: only every save_steps, never the last)
     logging_steps: int = 1
     max_failures: int = 2  # worker deaths tolerated; each restart resumes from the last checkpoint
     resume_from: Optional[str] = None  # checkpoint dir (Ray or HF layout, local or URI) to resume from
@@ -450,6 +451,7 @@ class BenchTrainConfig:
     row_tokens: int = 512  # engine=trl, SFT: tokens of one row (prompt + response) before packing
     attn_implementation: str = "sdpa"  # engine=trl: transformers attention kernel
     cpus_per_worker: Optional[float] = None  # engine=trl: None = the node's CPUs shared by the workers
+    label: str = ""  # engine=trl: suffix of the record's name, to keep several commands' records apart
 
     def __post_init__(self) -> None:
         if self.engine not in ("deepspeed", "torch", "trl"):

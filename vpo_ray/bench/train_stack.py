@@ -92,11 +92,23 @@ def _rows_needed(spec: RunSpec, steps: int, seq_len: int, row_tokens: int) -> in
     return int(per_step * steps * 1.25) + spec.workers  # spare: packing leaves gaps
 
 
+def write_synthetic_set(method: str, rows: int, path: str, model: str = "llama3-8b-instruct", seq_len: int = 2048,
+                        row_tokens: int = 512) -> str:
+    """A synthetic set for `vpo train ... weights=random` (the stand-in tokenizer's ids), written to `path`."""
+    from vpo_ray.config import TrainConfig
+    from vpo_ray.train.build import load_tokenizer
+    from vpo_ray.train.runner import resolve_model
+
+    probe = TrainConfig(method=method, model=model, weights="random")
+    tokenizer = load_tokenizer(probe, resolve_model(probe))
+    storage.write_jsonl(path, synthetic_set(method, rows, tokenizer, seq_len, row_tokens))
+    return path
+
+
 def run_one(spec: RunSpec, cfg, model: str, device: str) -> dict:
     """One `vpo train` call; its throughput block plus set-up facts."""
     from vpo_ray.config import TrainConfig, load_config
-    from vpo_ray.train.build import load_tokenizer
-    from vpo_ray.train.runner import resolve_model, train
+    from vpo_ray.train.runner import train
 
     from vpo_ray.ray_utils import init_ray
 
@@ -112,12 +124,8 @@ def run_one(spec: RunSpec, cfg, model: str, device: str) -> dict:
                   precompute_ref_log_probs="precompute" in spec.flags, offload="offload" in spec.flags,
                   gradient_checkpointing="gc" in spec.flags, attn_implementation=tc.attn_implementation,
                   cpus_per_worker=float(cpus), ray=cfg.ray)
-    train_cfg = load_config(TrainConfig, None, [], **fields)
-    tokenizer = load_tokenizer(train_cfg, resolve_model(train_cfg))
-    rows = synthetic_set(spec.method, _rows_needed(spec, tc.warmup_steps + tc.steps, tc.seq_len, tc.row_tokens),
-                         tokenizer, tc.seq_len, tc.row_tokens)
-    data = storage.join(out, f"data/{spec.method}.jsonl")
-    storage.write_jsonl(data, rows)
+    data = write_synthetic_set(spec.method, _rows_needed(spec, tc.warmup_steps + tc.steps, tc.seq_len, tc.row_tokens),
+                               storage.join(out, f"data/{spec.method}.jsonl"), model, tc.seq_len, tc.row_tokens)
     t0 = time.perf_counter()
     summary = train(load_config(TrainConfig, None, [], **{**fields, "data": data}))
     return {"run": spec.name, "method": spec.method, "workers": spec.workers, "zero_stage": spec.stage,

@@ -281,7 +281,7 @@ def run_stack(cfg: BenchConfig) -> dict:
     specs = [train_stack.parse_run(r) for r in tc.runs] or [
         train_stack.RunSpec(m, tc.workers, tc.zero_stage, tc.batch_size) for m in tc.methods]
     model = "tiny-optimizer" if cfg.preset == "tiny" else tc.model
-    stem = f"train_step_{model}_trl"
+    stem = f"train_step_{model}_trl" + (f"_{tc.label}" if tc.label else "")
     rec = {"benchmark": "train-step", "engine": "trl (vpo train: Ray Train + TRL + DeepSpeed)", "model": model,
            "weights": "random (real architecture)" if cfg.preset != "tiny" else "tiny preset architecture, random",
            "device": common.device_facts(device), "versions": common.versions(), "config": dataclasses.asdict(tc),

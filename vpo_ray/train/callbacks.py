@@ -8,7 +8,8 @@ Checkpoints. Two ways, picked by where Ray Train stores the run:
            state is ~110 GB, and a copy would need twice the disk and minutes.
   upload   anything else (s3://, gs://): each rank saves into its own node-local dir and reports
            it; Ray Train uploads and merges the ranks' files (RayTrainReportCallback's layout).
-Each save's seconds (HF + DeepSpeed write, then the hand-over to Ray) go with the step metrics.
+Rank 0 appends each save's seconds (HF + DeepSpeed write, then the hand-over to Ray) and bytes
+to checkpoints.jsonl as it happens.
 
 Per-step figures (StepMetrics): wall seconds per optimizer step (CUDA-synchronised), tokens in
 the step (TRL's global `num_tokens` counter), tokens/s, the peak GPU memory of every rank, and
@@ -34,6 +35,7 @@ HF_CKPT = "checkpoint"  # the HF checkpoint's folder name inside a Ray checkpoin
 FAULT_MARKER = ".fault_injected"
 REPLACED = "metrics_replaced.jsonl"  # steps a crashed attempt logged, later trained again
 ATTEMPTS = "attempts.jsonl"  # one row per attempt: when it started, what it resumed from, its set-up seconds
+SAVES = "checkpoints.jsonl"  # one row per checkpoint saved: step, write and hand-over seconds, bytes
 
 
 # ---------------------------------------------------------------------------- metrics files
@@ -94,7 +96,7 @@ def _dir_bytes(path: Path) -> int:
 # ---------------------------------------------------------------------------- callbacks
 
 def callback_classes() -> tuple:
-    """(CheckpointToRay, StepMetrics, CrashOnce), defined lazily so importing this module stays light."""
+    """(CheckpointToRay, StepMetrics, CrashOnce, NoSaveAtEnd), defined lazily so importing stays light."""
     return (_checkpoint_class(), *_metric_classes())
 
 
@@ -109,11 +111,12 @@ def _checkpoint_class():
         land in (or get deleted with) the damaged one's folder.
         """
 
-        def __init__(self, suffix: str = "", run_dir: Optional[str] = None, rank: int = 0):
+        def __init__(self, out: str, attempt_started_at: float, suffix: str = "", run_dir: Optional[str] = None,
+                     rank: int = 0):
             super().__init__()
+            self.out, self.started_at = out, attempt_started_at
             self.suffix, self.run_dir, self.rank = suffix, run_dir, rank
             self.step_done_at = time.perf_counter()
-            self.saves: list[dict] = []  # rank 0: seconds and bytes of each save
 
         def on_step_end(self, args, state, control, **kwargs):
             self.step_done_at = time.perf_counter()  # the save (if any) starts after this step's log
@@ -140,8 +143,10 @@ def _checkpoint_class():
                                  checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
             else:
                 size = self._report_uploaded(src, Path(args.output_dir) / "_report", metrics, name)
-            self.saves.append({"step": state.global_step, "write_s": round(wrote_s, 2),
-                               "report_s": round(time.perf_counter() - t0, 2), "bytes_rank0": size})
+            if self.rank == 0:  # written at once: an attempt that crashes later still leaves its saves
+                append_jsonl(storage.join(self.out, SAVES), {
+                    "step": state.global_step, "write_s": round(wrote_s, 2), "bytes": size,
+                    "report_s": round(time.perf_counter() - t0, 2), "attempt_started_at": self.started_at})
 
         def _report_uploaded(self, src: Path, stage: Path, metrics: dict, name: str) -> int:
             """Move (not copy) the rank's checkpoint into a report dir that Ray uploads; its size."""
@@ -220,7 +225,18 @@ def _metric_classes() -> tuple:
                 log.warning("fault drill: worker exits at step %d", state.global_step)
                 os._exit(1)
 
-    return StepMetrics, CrashOnce
+    class NoSaveAtEnd(TrainerCallback):
+        """save_at_end=false: no checkpoint after the last step, even one that save_steps would make.
+
+        Runs after HF's DefaultFlowCallback, which asks for that save; an 8B checkpoint is ~110 GB
+        and a second one beside the first may not fit the disk.
+        """
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_save = False
+
+    return StepMetrics, CrashOnce, NoSaveAtEnd
 
 
 def last_step_metrics(state) -> dict:

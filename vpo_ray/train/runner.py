@@ -168,18 +168,23 @@ def train(cfg: TrainConfig) -> dict:
 
 def run_figures(cfg: TrainConfig, rows: list[dict], state: dict) -> dict:
     """Throughput, checkpoint seconds and the resume comparison for summary.json."""
-    from vpo_ray.train.callbacks import ATTEMPTS, REPLACED
+    from vpo_ray.train.callbacks import ATTEMPTS, REPLACED, SAVES
     from vpo_ray.train.throughput import resume_check, throughput
 
-    # Only this call's attempts (an earlier call with the same out left its own rows)
+    def this_call(name: str) -> list[dict]:  # an earlier call with the same out left its own rows
+        return [r for r in storage.read_jsonl(storage.join(cfg.out, name)) if r.get("attempt_started_at") in started]
+
     attempts = [a for a in storage.read_jsonl(storage.join(cfg.out, ATTEMPTS)) if a.get("job_id") == state.get("job_id")]
     started = {a["started_at"] for a in attempts}
-    replaced = [r for r in storage.read_jsonl(storage.join(cfg.out, REPLACED)) if r.get("attempt_started_at") in started]
     ref_in_step = cfg.method == "dpo" and not cfg.precompute_ref_log_probs
+    fresh = [a["train_begin_s"] for a in attempts if not a.get("resumed_from")]
+    resumed = [a["train_begin_s"] for a in attempts if a.get("resumed_from")]
     return {"throughput": throughput(rows, state, cfg.method, ref_in_step),
-            "checkpoint_saves": state.get("checkpoint_saves", []),  # the last attempt's, rank 0
-            "attempts": attempts,  # train_begin_s of a resumed attempt includes reading the checkpoint
-            "resume_check": resume_check(rows, replaced)}
+            "checkpoint_saves": this_call(SAVES),
+            # train() start to the first step: DeepSpeed set-up, plus reading the checkpoint when resumed
+            "attempts": attempts,
+            "checkpoint_read_s": round(resumed[-1] - fresh[0], 2) if fresh and resumed else None,
+            "resume_check": resume_check(rows, this_call(REPLACED))}
 
 
 def add_arguments(p) -> None:
