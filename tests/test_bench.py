@@ -118,6 +118,23 @@ def test_train_step_two_ranks_zero3_and_torch_engine(ray_session, tiny_cache, tm
     _png_ok(rec["png"])
 
 
+def test_train_step_runs_vpo_train_itself(ray_session, tiny_cache, tmp_path, capsys):
+    """engine=trl: a `vpo train` call per run spec; 2 ranks, ZeRO-3, DPO reference log-probs precomputed once."""
+    rec = _bench(capsys, "train-step", "--preset", "tiny", "--out", str(tmp_path), "train.engine=trl",
+                 "train.runs=[dpo:2:3:2:precompute]", "train.seq_len=96", "train.steps=2", "train.warmup_steps=1",
+                 "train.label=ci")
+    run = rec["runs"]["dpo:2:3:2:precompute"]
+    assert "error" not in run, run
+    assert (run["workers"], run["zero_stage"], run["ranks"], run["steps_timed"]) == (2, 3, 2, 2)
+    assert len(run["losses"]) == 3 and abs(run["losses"][0] - 0.6931) < 0.01  # policy == its precomputed reference
+    assert 0 < run["tokens_per_step"] <= 2 * 2 * 2 * 96  # 2 ranks x 2 pairs x (chosen + rejected) x cutoff
+    assert run["tokens_per_s_per_gpu"] == pytest.approx(run["tokens_per_s"] / 2, rel=1e-2)
+    assert "precomputed" in run["flops"] and run["mfu"] is None and run["params"] > 0
+    assert rec["scaling"] == []  # one worker count only
+    _strict_load(tmp_path / "train_step_tiny-optimizer_trl_ci.json")
+    _png_ok(rec["png"])
+
+
 def test_bad_settings_are_named(tmp_path, capsys):
     from vpo_ray.cli import main
 

@@ -284,3 +284,41 @@ def test_old_glibc_tags_fall_back_to_manylinux_2_28():
     assert _newer_platform("manylinux2014_aarch64") == "manylinux_2_28_aarch64"
     assert _newer_platform("manylinux_2_28_x86_64") is None
     assert _newer_platform("manylinux_2_34_x86_64") is None
+
+
+# ---------------------------------------------------------------------------- slow: the GPU bundle's training part
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_gpu_bundle_training_wheels_install_into_a_fresh_target_and_import(tmp_path):
+    """benchmarks/train_wheels.sh (what gpu_bundle.sh ships for training) for this Python: deepspeed built
+    from its sdist without compiled ops, trl, datasets and their extras install with --no-deps into an empty
+    folder and import from there on top of this machine's torch/transformers (as on the GPU image)."""
+    reachable, why = _pypi_reachable()
+    if not reachable:
+        pytest.skip(f"PyPI is unreachable, so no wheel can be fetched: {why}")
+    wheels, target = tmp_path / "wheels", tmp_path / "site"
+    pyver = "%d.%d" % sys.version_info[:2]
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "train_wheels.sh"), str(wheels), pyver],
+                          capture_output=True, text=True, env={**os.environ, "GPU_BUNDLE_BUILD_PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = sorted(p.name.split("-")[0] for p in wheels.glob("*.whl"))
+    assert names == ["datasets", "deepspeed", "dill", "hjson", "multiprocess", "trl"]
+    (ds_wheel,) = wheels.glob("deepspeed-*-py3-none-any.whl")  # pure Python: nothing compiled for this machine
+    with zipfile.ZipFile(ds_wheel) as z:
+        assert not [n for n in z.namelist() if n.endswith(".so")]
+        info = z.read("deepspeed/git_version_info_installed.py").decode()
+    assert "True" not in info.split("installed_ops=")[1].split("\n")[0]  # no op prebuilt, none needed
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--quiet",
+                           "--target", str(target), *map(str, wheels.glob("*.whl"))], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check = ("import sys, trl, datasets, deepspeed, dill, multiprocess, hjson\n"
+             "from trl import SFTTrainer, DPOTrainer, SFTConfig, DPOConfig\n"
+             "from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3\n"
+             "for m in (trl, datasets, deepspeed, dill, multiprocess, hjson):\n"
+             "    assert m.__file__.startswith(sys.argv[1]), (m.__name__, m.__file__)\n"
+             "print(trl.__version__, datasets.__version__, deepspeed.__version__)")
+    proc = subprocess.run([sys.executable, "-c", check, str(target)], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(target), "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["1.16.0", "5.2.0", "0.19.8"]

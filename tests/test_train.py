@@ -286,11 +286,12 @@ def test_random_weight_architecture_trains_packed_and_resumes(random_sft):
 
 @pytest.fixture(scope="module")
 def random_dpo(ray_session, data, random_sft, tmp_path_factory):
-    """DPO of the same random-weight architecture, ZeRO-2: the reference is built from the same seed."""
+    """DPO of the same random-weight architecture, ZeRO-2 with the optimizer offloaded (HF's torch AdamW
+    steps the CPU partitions): the reference is built from the same seed."""
     root = tmp_path_factory.mktemp("random_dpo")
     _, arch, _ = random_sft
-    return run_train("dpo", data["dpo"], root / "out", arch, weights="random", deepspeed_stage=2, max_steps=3,
-                     save_steps=0, export=False, learning_rate=DPO_LR), root / "out"
+    return run_train("dpo", data["dpo"], root / "out", arch, weights="random", deepspeed_stage=2, offload=True,
+                     max_steps=3, save_steps=0, export=False, learning_rate=DPO_LR), root / "out"
 
 
 def test_random_weight_dpo_starts_with_reference_equal_to_policy(random_dpo):

@@ -275,8 +275,10 @@ def run_stack(cfg: BenchConfig) -> dict:
     from vpo_ray import storage
     from vpo_ray.bench import train_stack
 
+    import torch
+
     tc = cfg.train
-    device = common.resolve_device(cfg.device)
+    device = common.resolve_device(cfg.device)  # asks NVML only: this driver never holds GPU memory
     storage.makedirs(cfg.out)
     specs = [train_stack.parse_run(r) for r in tc.runs] or [
         train_stack.RunSpec(m, tc.workers, tc.zero_stage, tc.batch_size) for m in tc.methods]
@@ -284,14 +286,17 @@ def run_stack(cfg: BenchConfig) -> dict:
     stem = f"train_step_{model}_trl" + (f"_{tc.label}" if tc.label else "")
     rec = {"benchmark": "train-step", "engine": "trl (vpo train: Ray Train + TRL + DeepSpeed)", "model": model,
            "weights": "random (real architecture)" if cfg.preset != "tiny" else "tiny preset architecture, random",
-           "device": common.device_facts(device), "versions": common.versions(), "config": dataclasses.asdict(tc),
+           "device": {"device": device, "gpus": torch.cuda.device_count(), "name": "CPU" if device == "cpu" else "?"},
+           "versions": common.versions(), "config": dataclasses.asdict(tc),
            "precision": "bf16 weights and activations, fp32 master weights and optimizer (DeepSpeed)"
            if device.startswith("cuda") else "fp32",
            "warmup_note": f"first {tc.warmup_steps} optimizer steps of each run excluded; median of the rest",
            "runs": {}, "scaling": []}
     png = storage.join(cfg.out, f"{stem}.png")
     for spec in specs:
-        common.guarded(rec["runs"], spec.name, lambda s=spec: train_stack.run_one(s, cfg, model, device))
+        run = common.guarded(rec["runs"], spec.name, lambda s=spec: train_stack.run_one(s, cfg, model, device))
+        if device != "cpu" and run.get("device"):
+            rec["device"]["name"] = run["device"]  # as the workers saw it
         rec["scaling"] = train_stack.scaling(rec["runs"])
         _plot_runs(rec, png)
         rec["png"] = png
