@@ -81,16 +81,16 @@ def test_contradicting_settings_are_named(overrides, key):
 
 
 def test_random_weights_keep_the_registry_architecture_and_use_a_stand_in_tokenizer(tiny_cache):
-    from vpo_ray.models.registry import get_spec, model_path
-    from vpo_ray.train.build import architecture_config, tokenizer_source, weights_dtype
+    from vpo_ray.train.build import architecture_config, load_tokenizer, weights_dtype
     from vpo_ray.train.runner import resolve_model
 
     random8b = cfg("weights=random", "model=llama3-8b-instruct")
     assert resolve_model(random8b) == "llama3-8b-instruct"  # no hub id: nothing is downloaded
     arch = architecture_config("llama3-8b-instruct")
     assert (arch.model_type, arch.num_hidden_layers, arch.num_key_value_heads) == ("llama", 32, 8)
-    stand_in = tokenizer_source(random8b, "llama3-8b-instruct")
-    assert stand_in == model_path(get_spec("tiny", "optimizer"))
-    assert tokenizer_source(cfg("model=/some/checkpoint"), "/some/checkpoint") == "/some/checkpoint"
+    tok = load_tokenizer(random8b, "llama3-8b-instruct")
+    assert len(tok) == arch.vocab_size == 128256 and tok.chat_template  # the stand-in has the real vocabulary
+    tiny = cfg("weights=random")  # the tiny preset's random architecture is its small stand-in
+    assert architecture_config(resolve_model(tiny)).vocab_size == len(load_tokenizer(tiny, resolve_model(tiny)))
     assert weights_dtype(cfg("precision=bf16", "deepspeed_stage=3")) == "bfloat16"  # fp32 masters in DeepSpeed
     assert weights_dtype(cfg("precision=bf16", "deepspeed_stage=0")) == "float32"  # DDP autocasts fp32 weights

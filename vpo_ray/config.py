@@ -192,9 +192,6 @@ class TrainConfig:
     preset: str = "tiny"
     weights: str = "pretrained"  # pretrained | random: start from the preset optimizer's architecture, random weights
     model: Optional[str] = None  # base model path/id; None = preset's optimizer
-    # pretrained = load `model`'s weights; random = its architecture (registry config or the dir's
-    # config.json) with random weights and a stand-in tokenizer, built in place (ZeRO-3: sharded on the GPUs)
-    weights: str = "pretrained"
     ref_model: Optional[str] = None  # DPO reference; None = a frozen copy of `model`
     num_workers: int = 2
     cpus_per_worker: float = 1.0  # Ray resources each training worker reserves
@@ -254,8 +251,6 @@ class TrainConfig:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if self.save_steps < 0:
             raise ConfigError(f"save_steps: must be >= 0 (0 = no checkpoints), got {self.save_steps}")
-        if self.weights not in ("pretrained", "random"):
-            raise ConfigError(f"weights: expected pretrained or random, got {self.weights!r}")
         if self.lora and self.weights == "random":
             raise ConfigError("lora: the merged export needs the base weights; use weights=pretrained")
         if self.packing and self.method != "sft":

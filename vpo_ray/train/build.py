@@ -8,7 +8,9 @@ vpo_ray/models/configs/<name>/model.json, or a dir holding a config.json) is bui
 wraps construction in `deepspeed.zero.Init`: each layer is created on this rank's GPU and
 partitioned at once, and an 8B model never exists whole in CPU RAM or on one GPU (a plain
 fp32 CPU init per worker would take minutes and 32 GB of RAM each). The tokenizer of a
-random model is a stand-in whose ids all fall inside the architecture's vocabulary.
+random model is the registry's stand-in (models/stand_in.py) with the architecture's real vocabulary
+size. (models.random_weights.build_causal_lm builds the same model whole on one device; training
+needs transformers' from_config for ZeRO-3's partitioned construction.)
 
 Weights are built in the training precision when DeepSpeed runs (bf16/fp16: DeepSpeed keeps
 the fp32 master copy in the optimizer partitions); plain DDP keeps fp32 weights and autocasts.
@@ -24,44 +26,36 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def architecture_config(model: str):
-    """The transformers config of `model`: a dir holding config.json, or a registry name with a shipped config."""
+    """The transformers config of `model`: a dir holding config.json, or a registry name whose architecture
+    ships in vpo_ray/models/configs/ (the folder models.random_weights.config_folder names; tiny presets
+    have small stand-ins there)."""
+    import json
+
     from transformers import AutoConfig
 
-    from vpo_ray.models import registry
+    from vpo_ray.models import random_weights, registry
 
     if os.path.isdir(model):
         return AutoConfig.from_pretrained(model)
-    # TODO(helper A, #14): use the registry's weights=random API once it lands on main; until then
-    # the shipped architecture JSON is read the way registry.random_init_from_config reads it.
-    import json
-
-    spec = registry.get_spec(model)
-    path = registry.CONFIG_DIR / spec.name / "model.json"
+    path = random_weights.config_folder(registry.get_spec(model)) / "model.json"
     if not path.is_file():
         raise ConfigError(f"weights=random: no shipped architecture for {model!r} ({path}); "
                           "give a registry LLM name or a dir holding a config.json")
-    fields = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
-    config_cls = json.loads(path.read_text()).get("_config_class", "transformers.AutoConfig")
-    return registry._import(config_cls)(**fields)
-
-
-def tokenizer_source(cfg: TrainConfig, model_path: str) -> str:
-    """Where the tokenizer comes from: the model itself, or the stand-in for a random-weight architecture."""
-    if cfg.weights == "pretrained":
-        return model_path
-    if os.path.isdir(model_path) and any(os.path.exists(os.path.join(model_path, f)) for f in TOKENIZER_FILES):
-        return model_path
-    from vpo_ray.models import registry
-
-    # TODO(helper A, #14): the registry's stand-in tokenizer with the real vocabulary size. The tiny
-    # preset's BPE (ChatML template, ~2k ids) stands in: every id it emits exists in any LLM vocabulary.
-    return registry.model_path(registry.get_spec("tiny", "optimizer"))
+    raw = json.loads(path.read_text())
+    config_cls = registry._import(raw.get("_config_class", "transformers.AutoConfig"))
+    return config_cls(**{k: v for k, v in raw.items() if not k.startswith("_")})
 
 
 def load_tokenizer(cfg: TrainConfig, model_path: str):
+    """The model's own tokenizer; for random weights without one, the registry's stand-in of the real vocabulary size."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(cfg, model_path))
+    from vpo_ray.models import stand_in
+
+    own = cfg.weights == "pretrained" or (
+        os.path.isdir(model_path) and any(os.path.exists(os.path.join(model_path, f)) for f in TOKENIZER_FILES))
+    tokenizer = (AutoTokenizer.from_pretrained(model_path) if own
+                 else stand_in.chat_tokenizer(int(architecture_config(model_path).vocab_size)))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -83,8 +77,12 @@ def build_model(cfg: TrainConfig, model_path: str, seed: Optional[int] = None) -
     if cfg.weights == "pretrained":
         model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     else:
+        config = architecture_config(model_path)
+        # the tokenizer's special ids go into the config (as the registry's random LLMs do): generation stops at EOS
+        tokenizer = load_tokenizer(cfg, model_path)
+        config.update({k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
         torch.manual_seed(cfg.seed if seed is None else seed)  # policy and reference draw the same weights
-        model = AutoModelForCausalLM.from_config(architecture_config(model_path), **kwargs)
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
     model.config.use_cache = False  # training never decodes; the cache only costs memory
     return model
 

@@ -32,14 +32,14 @@ class TrainError(RuntimeError):
 def resolve_model(cfg: TrainConfig) -> str:
     """The base model: cfg.model (a path, hub id or registry name), else the preset's optimizer.
 
-    weights=random keeps a (non-tiny) registry name as is: the workers build its shipped
-    architecture, so nothing is downloaded.
+    weights=random keeps a registry name as is: the workers build its shipped architecture,
+    so nothing is downloaded.
     """
     from vpo_ray.models.registry import MODELS, get_spec, model_path
 
     name = cfg.model or get_spec(cfg.preset, "optimizer").name
-    if cfg.weights == "random" and name in MODELS and not MODELS[name].tiny and not os.path.isdir(name):
-        return name
+    if cfg.weights == "random" and name in MODELS and not os.path.isdir(name):
+        return name  # tiny names too: their random architecture is the small stand-in (configs/tiny-llm)
     return model_path(name)
 
 
