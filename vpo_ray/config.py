@@ -274,8 +274,10 @@ class AutoscalingConfig:
     target_ongoing_requests: float = 4.0  # queued + running requests per replica the autoscaler aims at
     upscale_delay_s: float = 2.0  # load must stay high this long before a replica is added
     downscale_delay_s: float = 10.0  # and low this long before one is removed
-    look_back_period_s: float = 10.0  # window the request metric is averaged over (Ray default 30)
-    metrics_interval_s: float = 2.0  # how often replicas/handles push the metric (Ray default 10)
+    look_back_period_s: float = 15.0  # window the request metric is averaged over (Ray default 30); > push interval
+    # How often replicas/handles push the metric. Ray 2.60 deprecates the field (it warns when
+    # set) for env vars it does not read yet; None = Ray's 10 s, the only value without a warning.
+    metrics_interval_s: Optional[float] = None
     upscaling_factor: Optional[float] = None  # gain on scale-up decisions; None = Ray's 1.0
     downscaling_factor: Optional[float] = None
 

@@ -7,6 +7,18 @@ batched. Rows with temperature 0 stay greedy.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to (not including) the earliest of the stop strings; whole if none occurs."""
+    cut = len(text)
+    for s in stop:
+        i = text.find(s)
+        if i >= 0:
+            cut = min(cut, i)
+    return text[:cut]
+
 
 def row_sampler_class():
     import torch

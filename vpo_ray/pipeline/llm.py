@@ -23,7 +23,7 @@ import numpy as np
 from vpo_ray import prompts
 from vpo_ray.config import JudgeEndpointConfig, SamplingConfig
 from vpo_ray.models import random_weights
-from vpo_ray.sampling import row_sampler
+from vpo_ray.sampling import cut_at_stop, row_sampler
 from vpo_ray.schema import Judgement
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ class LLMEngine:
         n = len(ids) if end is None else end
         n = min(n, limit)  # an EOS at position `limit` is the row limit's, not the model's
         raw = self.tok.decode(ids[:n], skip_special_tokens=True)
-        text = _cut_at_stop(raw, stop)
+        text = cut_at_stop(raw, stop)
         ended = (end is not None and end < limit) or len(text) < len(raw)
         return Completion(text=text.strip(), finish_reason="stop" if ended else "length", n_tokens=n)
 
@@ -179,15 +179,6 @@ def forced_length(lengths: Sequence[int], limits: Sequence[int], prompt_len: int
             return scores
 
     return ForcedLength()
-
-
-def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    cut = len(text)
-    for s in stop:
-        i = text.find(s)
-        if i >= 0:
-            cut = min(cut, i)
-    return text[:cut]
 
 
 # ---------------------------------------------------------------------------- rewrite stage

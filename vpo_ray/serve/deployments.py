@@ -14,6 +14,18 @@ The ingress holds no model, so bad requests, auth failures and over-capacity ans
 cost no model time, and every answer (503 included) is JSON. The model deployment is
 the one that scales: its replicas take `num_gpus` on a GPU cluster.
 
+The request path through the ingress, in order (each step answers its own errors):
+  1. `_observe` middleware: counts and times every answer (metrics below);
+  2. `_auth`: bearer token (401) - before the body is read;
+  3. `_body`: at most `max_body_bytes` (413), JSON object (400/422);
+  4. `validation.parse_*`: pydantic models, the config's limits (422; 400 unsupported);
+  5. admission: nothing yet beyond the handle's back-pressure (a per-ingress admission
+     step belongs here, after validation and before any model time is spent);
+  6. `_optimize` -> `_call(OptimizerModel.optimize)`: 503 back-pressure or a dead
+     replica, 504 past `request_timeout_s`;
+  7. shaping: our JSON (/v1/optimize) or OpenAI's (`openai_compat`, SSE when streaming).
+OpenAPI is served at /openapi.json (and /docs); request schemas come from validation.py.
+
 Metrics (ray.serve.metrics; exported by each node's Ray metrics agent in Prometheus
 format, the port in /tmp/ray/prom_metrics_service_discovery.json, or the node's
 `--metrics-export-port`; names carry Ray's `ray_` prefix when scraped):
@@ -41,7 +53,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -51,6 +63,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from vpo_ray import storage
 from vpo_ray.config import ServeConfig, load_config
 from vpo_ray.prompts import parse_video_prompt
+from vpo_ray.serve import openai_compat
 from vpo_ray.serve import validation as v
 from vpo_ray.serve.engine import GenRequest, OptimizerEngine, served_name
 from vpo_ray.serve.query import clean_output, split_query
@@ -156,7 +169,8 @@ class VideoRenderer:
 
 # ---------------------------------------------------------------------------- ingress
 
-api = FastAPI(title="vpo_ray optimizer", docs_url=None, redoc_url=None, openapi_url=None)
+api = FastAPI(title="vpo_ray optimizer", description="Optimizes text-to-video prompts (VPO); OpenAI-compatible "
+              "chat completions", docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
 _metrics: dict = {}
 
 
@@ -167,6 +181,8 @@ def _route_label(request: Request) -> str:
         path = path[len(root):] or "/"
     if path.startswith("/v1/render/"):
         return "/v1/render/{id}"
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{id}"
     return path if path in ROUTES else "other"
 
 
@@ -181,8 +197,8 @@ async def _api_error(request: Request, exc: v.ApiError):
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException):
-    kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
-    return _error(v.ApiError(exc.status_code, None, str(exc.detail), kind=kind))
+    code = "not_found" if exc.status_code == 404 else "invalid_request"
+    return _error(v.ApiError(exc.status_code, None, str(exc.detail), code=code))
 
 
 @api.exception_handler(Exception)
@@ -251,18 +267,20 @@ class OptimizerAPI:
             hmac.compare_digest(token_digest(presented.strip()), self._token)
         if not ok:
             raise v.ApiError(401, "authorization", "missing or invalid bearer token", kind="authentication_error",
-                             headers={"WWW-Authenticate": "Bearer"})
+                             code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     async def _body(self, request: Request) -> dict:
         limit = self.cfg.max_body_bytes
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
-            raise v.ApiError(413, "body", f"request body is {declared} bytes; the limit is {limit}")
+            raise v.ApiError(413, "body", f"request body is {declared} bytes; the limit is {limit}",
+                             code="body_too_large")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise v.ApiError(413, "body", f"request body exceeds the limit of {limit} bytes")
+                raise v.ApiError(413, "body", f"request body exceeds the limit of {limit} bytes",
+                                 code="body_too_large")
             chunks.append(chunk)
         return v.parse_json_body(b"".join(chunks), limit)
 
@@ -299,7 +317,7 @@ class OptimizerAPI:
             raise v.invalid(field, f"'{field}' holds only flags; there is nothing to optimize")
         gen = GenRequest(text=text if self.cfg.optimizer_input == "text" else req.query, n=req.n,
                          temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                         max_new_tokens=req.max_new_tokens)
+                         max_new_tokens=req.max_new_tokens, stop=req.stop)
         out = await self._call(self.model.optimize.remote(dataclasses.asdict(gen)))
         prompts, fallbacks = [], 0
         for raw in out["texts"]:
@@ -326,10 +344,18 @@ class OptimizerAPI:
     async def models(self, request: Request):
         self._auth(request)
         info = await self._model_info()
-        return {"object": "list", "data": [{"id": self.name, "object": "model", "created": 0,
-                                            "owned_by": "vpo_ray", "version": info["model_version"]}]}
+        return {"object": "list", "data": [openai_compat.model_card(self.name, info["model_version"])]}
 
-    @api.post("/v1/optimize")
+    @api.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str, request: Request):
+        self._auth(request)
+        if model_id != self.name:
+            raise v.ApiError(404, "model", f"the requested model is not served here; this server serves "
+                             f"'{self.name}'", code="model_not_found")
+        info = await self._model_info()
+        return openai_compat.model_card(self.name, info["model_version"])
+
+    @api.post("/v1/optimize", openapi_extra=v.request_schema(v.OptimizeBody))
     async def optimize(self, request: Request):
         t0 = time.perf_counter()
         self._auth(request)
@@ -339,28 +365,22 @@ class OptimizerAPI:
         body = {"prompts": result["prompts"], "query": doc["query"], "text": result["text"],
                 "flags": result["flags"], "latency_ms": round((time.perf_counter() - t0) * 1000, 2),
                 "model": out["model"], "model_version": out["model_version"], "fallbacks": result["fallbacks"],
+                # a prompt the token limit cut is unfinished: say so rather than pass it off as complete
+                "finish_reasons": out["finish_reasons"], "truncated": "length" in out["finish_reasons"],
                 "usage": {"prompt_tokens": out["prompt_tokens"], "completion_tokens": sum(out["completion_tokens"])}}
         return JSONResponse(body, headers=self._batch_headers(out))
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", openapi_extra=v.request_schema(v.ChatCompletionBody))
     async def chat_completions(self, request: Request):
         t0 = time.perf_counter()
         self._auth(request)
         doc = await self._body(request)
-        req, model = v.parse_chat(doc, self.cfg, self.name)
+        req, opts = v.parse_chat(doc, self.cfg, self.name)
         result, out = await self._optimize(req, "messages")
-        completion = sum(out["completion_tokens"])
-        body = {
-            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-            "model": model,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": p}, "finish_reason": "stop",
-                         "logprobs": None} for i, p in enumerate(result["prompts"])],
-            "usage": {"prompt_tokens": out["prompt_tokens"], "completion_tokens": completion,
-                      "total_tokens": out["prompt_tokens"] + completion},
-            "vpo": {"text": result["text"], "flags": result["flags"], "fallbacks": result["fallbacks"],
-                    "model_version": out["model_version"],
-                    "latency_ms": round((time.perf_counter() - t0) * 1000, 2)},
-        }
+        body = openai_compat.chat_completion(result, out, opts.model, round((time.perf_counter() - t0) * 1000, 2))
+        if opts.stream:
+            return StreamingResponse(openai_compat.chat_chunks(body, opts.include_usage),
+                                     media_type="text/event-stream", headers=self._batch_headers(out))
         return JSONResponse(body, headers=self._batch_headers(out))
 
 
@@ -368,7 +388,7 @@ class OptimizerAPI:
 
     def _render_enabled(self) -> None:
         if self.renderer is None:
-            raise v.ApiError(404, None, "rendering is not enabled on this server (render=true)", kind="not_found")
+            raise v.ApiError(404, None, "rendering is not enabled on this server (render=true)", code="not_found")
 
     async def _track(self, job: dict) -> None:
         try:
@@ -403,11 +423,11 @@ class OptimizerAPI:
         self._auth(request)
         self._render_enabled()
         if not JOB_ID.match(job_id):
-            raise v.ApiError(404, "job_id", "no such render job")
+            raise v.ApiError(404, "job_id", "no such render job", code="not_found")
         try:
             return storage.read_json(job_uri(self.cfg.render_out, job_id))
         except storage.StorageError:
-            raise v.ApiError(404, "job_id", "no such render job") from None
+            raise v.ApiError(404, "job_id", "no such render job", code="not_found") from None
 
 
 def deployment_options(cfg: ServeConfig) -> tuple[dict, dict]:

@@ -5,6 +5,10 @@ serves many requests: each request's query is expanded into `n` rows, all rows a
 left-padded into one batch, and every row samples with its own temperature and its
 own random stream (`RowSampler`), so a request's output does not depend on which
 other requests shared its batch, and a request with a `seed` is reproducible.
+
+Every row says why it ended (`finish_reasons`, as OpenAI's `finish_reason`): "stop" when
+the model ended its turn or a stop string cut it, "length" when it ran into the
+request's `max_new_tokens` (the text is then an unfinished prompt).
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from typing import Optional
 
 from vpo_ray.config import ServeConfig
 from vpo_ray.prompts import optimizer_messages
-from vpo_ray.sampling import row_sampler_class
+from vpo_ray.sampling import cut_at_stop, row_sampler_class
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +35,7 @@ class GenRequest:
     top_p: float = 0.95
     seed: Optional[int] = None  # row j of the request samples with seed + j
     max_new_tokens: int = 256
+    stop: tuple[str, ...] = ()  # a row's text ends before the first of these (OpenAI `stop`)
 
 
 @dataclass
@@ -38,6 +43,7 @@ class GenResult:
     texts: list[str]  # n raw completions, not yet parsed
     prompt_tokens: int
     completion_tokens: list[int]
+    finish_reasons: list[str]  # per row: "stop" (end of turn or a stop string) | "length" (max_new_tokens)
     batch_rows: int  # rows in the generate call this request shared
     batch_requests: int
     model: str = ""
@@ -148,15 +154,26 @@ class OptimizerEngine:
             )
         new_tokens = out[:, enc["input_ids"].shape[1]:].cpu()
         stops = set(self.stop_ids) | ({self.tokenizer.pad_token_id} - {None})
-        results = [GenResult(texts=[], prompt_tokens=0, completion_tokens=[], batch_rows=len(prompts),
-                             batch_requests=len(requests), model=self.name, model_version=self.version)
-                   for _ in requests]
+        results = [GenResult(texts=[], prompt_tokens=0, completion_tokens=[], finish_reasons=[],
+                             batch_rows=len(prompts), batch_requests=len(requests), model=self.name,
+                             model_version=self.version) for _ in requests]
         for row, r_i in enumerate(owners):
-            ids = new_tokens[row].tolist()[: requests[r_i].max_new_tokens]
-            end = next((k for k, t in enumerate(ids) if t in stops), len(ids))  # first end-of-turn/padding
-            ids = ids[:end]
+            text, n_tokens, reason = self._row(new_tokens[row].tolist(), requests[r_i], stops)
             res = results[r_i]
-            res.texts.append(self.tokenizer.decode(ids, skip_special_tokens=True))
-            res.completion_tokens.append(len(ids))
+            res.texts.append(text)
+            res.completion_tokens.append(n_tokens)
+            res.finish_reasons.append(reason)
             res.prompt_tokens = int(enc["attention_mask"][row].sum())
         return results
+
+    def _row(self, ids: list[int], request: GenRequest, stops: set) -> tuple[str, int, str]:
+        """(text, completion tokens, finish reason) of one generated row."""
+        ids = ids[: request.max_new_tokens]
+        end = next((k for k, t in enumerate(ids) if t in stops), None)  # first end-of-turn/padding
+        reason = "stop" if end is not None else "length"
+        ids = ids if end is None else ids[:end]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        cut = cut_at_stop(text, request.stop)
+        if len(cut) < len(text):  # a stop string ended it; usage counts the tokens of what is kept
+            return cut, len(self.tokenizer(cut, add_special_tokens=False)["input_ids"]), "stop"
+        return text, len(ids), reason
