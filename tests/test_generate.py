@@ -90,6 +90,24 @@ def test_sft_set_loads_with_datasets_in_chat_format(sft_run):
     assert roles == ["system", "user", "assistant"] and ds[0]["messages"][2]["content"]
 
 
+def test_output_folder_loads_with_datasets_by_its_card(sft_run):
+    """`load_dataset(out)` on the folder itself: the card's configs pick the set among the JSON files."""
+    from datasets import load_dataset
+
+    out, summary = sft_run
+    ds = load_dataset(out, split="train")
+    assert len(ds) == summary["output_rows"] and set(ds.column_names) == {"query_id", "messages"}
+    assert ds[0]["messages"][1]["role"] == "user"
+
+
+def test_output_files_are_readable_by_group_and_others(sft_run):
+    out, _ = sft_run
+    paths = [os.path.join(root, name) for root, dirs, files in os.walk(out) for name in files + dirs]
+    assert any(p.endswith("sft.parquet") for p in paths) and any(p.endswith("README.md") for p in paths)
+    unreadable = [p for p in paths if os.stat(p).st_mode & 0o044 != 0o044]
+    assert not unreadable, f"not group/world-readable: {unreadable[:5]}"
+
+
 def test_rerun_does_no_new_work(sft_run, queries_file):
     out, first = sft_run
     again = run_generate(cfg_for("sft", queries_file, out))

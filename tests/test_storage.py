@@ -52,3 +52,59 @@ def test_safe_join_refuses_escapes(tmp_path, part):
     with pytest.raises(storage.StorageError, match="unsafe path"):
         storage.safe_join(str(tmp_path), part)
     assert storage.safe_join(str(tmp_path), "videos", "q_0_1.mp4").startswith(str(tmp_path))
+
+
+@pytest.fixture
+def strict_process_umask():
+    """A process umask that would make everything private: the artifacts' modes must not follow it."""
+    old = os.umask(0o077)
+    yield
+    os.umask(old)
+
+
+def _mode(path) -> int:
+    return os.stat(path).st_mode & 0o777
+
+
+def test_artifacts_are_group_and_world_readable_by_default(tmp_path, monkeypatch, strict_process_umask):
+    monkeypatch.delenv(storage.UMASK_ENV, raising=False)
+    uri = str(tmp_path / "run" / "parts" / "part-1.jsonl")
+    storage.write_jsonl(uri, [{"a": 1}])
+    storage.makedirs(str(tmp_path / "run" / "videos"))
+    assert _mode(uri) == 0o644
+    assert _mode(tmp_path / "run") == _mode(tmp_path / "run" / "parts") == _mode(tmp_path / "run" / "videos") == 0o755
+
+
+@pytest.mark.parametrize("value,file_mode,dir_mode", [("027", 0o640, 0o750), ("0o007", 0o660, 0o770),
+                                                       ("077", 0o600, 0o700)])
+def test_vpo_umask_sets_the_modes(tmp_path, monkeypatch, value, file_mode, dir_mode):
+    monkeypatch.setenv(storage.UMASK_ENV, value)
+    uri = str(tmp_path / "out" / "summary.json")
+    storage.write_json(uri, {"ok": True})
+    assert (_mode(uri), _mode(tmp_path / "out")) == (file_mode, dir_mode)
+
+
+def test_existing_folders_keep_their_mode(tmp_path, monkeypatch):
+    monkeypatch.setenv(storage.UMASK_ENV, "022")
+    (tmp_path / "mine").mkdir(mode=0o700)
+    os.chmod(tmp_path / "mine", 0o700)
+    storage.write_text(str(tmp_path / "mine" / "x.txt"), "x")
+    assert _mode(tmp_path / "mine") == 0o700 and _mode(tmp_path / "mine" / "x.txt") == 0o644
+
+
+@pytest.mark.parametrize("value", ["rw-r--r--", "999", "1777"])
+def test_a_bad_vpo_umask_is_refused_by_name(tmp_path, monkeypatch, value):
+    monkeypatch.setenv(storage.UMASK_ENV, value)
+    with pytest.raises(storage.StorageError, match="VPO_UMASK"):
+        storage.write_text(str(tmp_path / "x.txt"), "x")
+
+
+def test_the_cli_applies_the_umask_to_other_writers(tmp_path, monkeypatch, strict_process_umask):
+    """Libraries that write on their own (HF exports, Ray Data parquet) follow the process umask."""
+    from vpo_ray import cli
+
+    monkeypatch.setenv(storage.UMASK_ENV, "002")
+    assert cli.main(["models", "list"]) == 0
+    path = tmp_path / "written_by_a_library.bin"
+    path.write_bytes(b"x")
+    assert _mode(path) == 0o664

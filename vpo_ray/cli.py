@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vpo {args.command}: not available in this build ({args._missing} missing)", file=sys.stderr)
         return 2
     from vpo_ray.config import ConfigError
+    from vpo_ray.storage import apply_umask
     try:
+        apply_umask()  # artifacts readable by the group and others unless VPO_UMASK says otherwise
         return int(args._run(args) or 0)
     except ConfigError as e:
         print(f"vpo {args.command}: config error: {_one_line(e)}", file=sys.stderr)

@@ -12,7 +12,7 @@ QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "err
              "DIFFUSERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
 # Settings of the driver that workers need too (offline mode, tiny-model cache, CPU DeepSpeed).
 PASS_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "VPO_CACHE", "DS_ACCELERATOR",
-            "VPO_TRUST_REMOTE_CODE")
+            "VPO_TRUST_REMOTE_CODE", "VPO_UMASK")
 
 
 def init_ray(cfg: RayConfig = RayConfig()):

@@ -3,6 +3,12 @@
 Writes are atomic (temp file, then rename; on object stores a single PUT), so a
 crash never leaves a partial file that a rerun would mistake for a complete one.
 `safe_join` keeps every output inside its run root (no path traversal).
+
+Local files and folders get mode 0666/0777 less the umask `VPO_UMASK` (octal, default
+022: readable by the group and others), whatever the process umask is: run folders
+on a shared volume are read by other users and pods (a temp file alone would be 0600).
+`apply_umask()` sets the same umask for the process, so libraries writing on their own
+(Hugging Face exports, Ray Data parquet) follow it; the CLI calls it at start.
 """
 from __future__ import annotations
 
@@ -18,6 +24,8 @@ import fsspec
 
 
 TMP_PREFIX = ".tmp-"  # every local atomic write goes through a temp file named so (see sweep_tmp)
+UMASK_ENV = "VPO_UMASK"
+DEFAULT_UMASK = 0o022  # files 0644, folders 0755: a shared volume's other readers can read the runs
 
 
 class StorageError(OSError):
@@ -51,10 +59,46 @@ def safe_join(root: str, *parts: str) -> str:
     return join(root, *parts)
 
 
+def umask() -> int:
+    """The umask for artifacts: $VPO_UMASK (octal: 022, 0o027) or DEFAULT_UMASK."""
+    raw = os.environ.get(UMASK_ENV, "").strip()
+    if not raw:
+        return DEFAULT_UMASK
+    try:
+        value = int(raw[2:] if raw.lower().startswith("0o") else raw, 8)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 0o777:
+        raise StorageError(f"{UMASK_ENV}={raw!r} is not an octal umask such as 022 or 027")
+    return value
+
+
+def apply_umask() -> int:
+    """Set the process umask to umask(); returns it."""
+    value = umask()
+    os.umask(value)
+    return value
+
+
+def _makedirs_local(path: str) -> None:
+    """os.makedirs, then the umask's mode on every folder it created (not on existing ones)."""
+    created, p = [], os.path.abspath(path)
+    while not os.path.isdir(p) and os.path.dirname(p) != p:
+        created.append(p)
+        p = os.path.dirname(p)
+    os.makedirs(path, exist_ok=True)
+    mode = 0o777 & ~umask()
+    for d in created:
+        try:
+            os.chmod(d, mode)
+        except OSError:  # made by another writer meanwhile, not ours to change
+            pass
+
+
 def makedirs(uri: str) -> None:
     try:
         if is_local(uri):
-            os.makedirs(_local(uri), exist_ok=True)
+            _makedirs_local(_local(uri))
         else:
             fs, path = fs_for(uri)
             fs.makedirs(path, exist_ok=True)
@@ -75,10 +119,11 @@ def write_bytes(uri: str, data: bytes) -> None:
         if is_local(uri):
             path = _local(uri)
             d = os.path.dirname(path) or "."
-            os.makedirs(d, exist_ok=True)
+            _makedirs_local(d)
             fd, tmp = tempfile.mkstemp(dir=d, prefix=TMP_PREFIX, suffix=os.path.basename(path))
             try:
                 with os.fdopen(fd, "wb") as f:
+                    os.fchmod(f.fileno(), 0o666 & ~umask())  # mkstemp makes 0600
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())

@@ -77,12 +77,15 @@ def parse_sources(specs: tuple[str, ...], preset_optimizer: Optional[str] = None
 
 
 def resolve_model_dir(path: str) -> str:
-    """A model dir, a `vpo train` out dir (its model/), or a hub id; a missing local path raises."""
+    """A model dir, a `vpo train`/`vpo loop` out dir (vpo_ray.runs), or a hub id; a missing local path raises."""
+    from vpo_ray.runs import RunFolderError, model_dir
+
     p = os.path.expanduser(path)
     if os.path.isdir(p):
-        if not os.path.isfile(os.path.join(p, "config.json")) and os.path.isfile(os.path.join(p, "model", "config.json")):
-            return os.path.join(p, "model")
-        return p
+        try:
+            return model_dir(p)
+        except RunFolderError as e:
+            raise RunFolderError(f"sources: {e}") from None
     if os.path.isabs(p) or path.startswith((".", "~")) or os.path.exists(p) or path.count("/") != 1:
         raise ConfigError(f"sources: model path {path!r} not found (a model dir, a `vpo train` out dir, or org/name)")
     return path  # a Hugging Face id

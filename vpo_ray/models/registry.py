@@ -168,12 +168,17 @@ def _id_of(spec_or_path: Union[ModelSpec, str]) -> str:
 # ---------------------------------------------------------------------------- references
 
 def model_path(spec_or_path: Union[ModelSpec, str]) -> str:
-    """Where to load a model from: a built tiny dir, a local dir, a hub id (as given), or "random:<name>"."""
+    """Where to load a model from: a built tiny dir, a local dir, a hub id (as given), or "random:<name>".
+
+    A local run folder (`vpo train`/`vpo loop` out) resolves to the model it exported
+    (vpo_ray.runs.model_dir: the one rule every job follows)."""
+    from vpo_ray.runs import model_dir
+
     if random_weights.as_random(spec_or_path) is not None:
         return str(spec_or_path)
     spec = _as_spec(spec_or_path)
     if spec is None:
-        return os.fspath(spec_or_path)
+        return model_dir(os.fspath(spec_or_path))
     if spec.tiny:
         return tiny.build_cached(spec.name)
     return spec.model_id

@@ -458,6 +458,9 @@ def _consolidate(cfg, ing, done: dict, queries: dict, ingest_s: float, stream: d
                                     "from_passing": sum(1 for rec in recs if rec.get("how") == "passing"),
                                     "from_refined": sum(1 for rec in recs if rec.get("how") == "refined")}
     storage.write_json(storage.join(out, "summary.json"), summary)
+    from vpo_ray.data.card import dataset_card  # `datasets.load_dataset(out)` reads the set through it
+
+    storage.write_text(storage.join(out, "README.md"), dataset_card(cfg.kind, os.path.basename(set_uri), summary))
     return summary
 
 

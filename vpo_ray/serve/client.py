@@ -6,7 +6,8 @@
 
 503 (over capacity) and connection failures are retried with the server's Retry-After
 (capped) or exponential backoff; 4xx answers raise `OptimizerClientError` at once with
-the field the server named. Every call has a timeout.
+the field and code the server named. Every call has a timeout. For /v1/chat/completions
+any OpenAI client works too (`openai.OpenAI(base_url=URL + "/v1", api_key=TOKEN)`).
 """
 from __future__ import annotations
 
@@ -20,12 +21,14 @@ RETRY_STATUSES = (502, 503, 504)
 
 
 class OptimizerClientError(RuntimeError):
-    """The server refused a request (or retries ran out); `status`, `field` as the server said."""
+    """The server refused a request (or retries ran out); `status`, `field`, `code` as the server said."""
 
-    def __init__(self, status: Optional[int], message: str, field: Optional[str] = None):
+    def __init__(self, status: Optional[int], message: str, field: Optional[str] = None,
+                 code: Optional[str] = None):
         super().__init__(f"{status}: {message}" + (f" (field {field})" if field else ""))
         self.status = status
         self.field = field
+        self.code = code  # e.g. invalid_value, unsupported_parameter, invalid_api_key
         self.message = message
 
 
@@ -92,18 +95,19 @@ class OptimizerClient:
             else:
                 if response.status_code < 400:
                     return response.json()
-                field, message = _error_of(response)
+                field, message, code = _error_of(response)
                 if response.status_code not in RETRY_STATUSES:
-                    raise OptimizerClientError(response.status_code, message, field)
+                    raise OptimizerClientError(response.status_code, message, field, code)
                 last, last_status = message, response.status_code
             if attempt < self.max_retries:
                 time.sleep(self._delay(attempt, response))
         raise OptimizerClientError(last_status, f"gave up after {self.max_retries + 1} attempts: {last}")
 
 
-def _error_of(response: requests.Response) -> tuple[Optional[str], str]:
+def _error_of(response: requests.Response) -> tuple[Optional[str], str, Optional[str]]:
+    """(field, message, code) of an error answer (validation.ApiError's body)."""
     try:
         err = response.json().get("error", {})
-        return err.get("field"), str(err.get("message", response.reason))
+        return err.get("param", err.get("field")), str(err.get("message", response.reason)), err.get("code")
     except (ValueError, AttributeError):
-        return None, (response.text or response.reason or "")[:500]
+        return None, (response.text or response.reason or "")[:500], None
