@@ -342,9 +342,9 @@ def _gpu_groups() -> dict[str, tuple[int, int]]:
 
 def _demand(cfg) -> tuple[float, float]:
     """(largest single actor's GPUs, GPUs when every pool is at its max) for one config."""
-    if isinstance(cfg, vcfg.GenerateConfig):
+    if isinstance(cfg, (vcfg.GenerateConfig, vcfg.EvalConfig)):
         stages = [cfg.rewrite_stage, cfg.judge_stage]
-        if cfg.kind == "dpo":
+        if isinstance(cfg, vcfg.EvalConfig) or cfg.kind == "dpo":
             stages += [cfg.t2v_stage, cfg.video_judge_stage]
         return max(s.num_gpus for s in stages), sum(s.max_actors * s.num_gpus for s in stages)
     if isinstance(cfg, vcfg.TrainConfig):
@@ -355,7 +355,55 @@ def _demand(cfg) -> tuple[float, float]:
     return 0.0, 0.0
 
 
-@pytest.mark.parametrize("name", ["build_sft", "build_dpo", "train_sft", "train_dpo", "serve", "full_loop"])
+def _node_types(spec: dict) -> dict[str, dict]:
+    """What the KubeRay autoscaler believes each worker group offers (Ray's own parser)."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import _node_type_from_group_spec
+
+    return {g["groupName"]: _node_type_from_group_spec(g, is_head=False)["resources"]
+            for g in spec["workerGroupSpecs"]}
+
+
+def _requests(cfg) -> list[tuple[str, dict]]:
+    """(what, Ray resources of one actor/worker/replica) a job config asks for."""
+    def res(cpus, gpus, accelerator):
+        out = {"CPU": cpus, "GPU": gpus}
+        if accelerator:
+            out[f"accelerator_type:{accelerator}"] = 0.001  # how Ray turns accelerator_type into a request
+        return out
+
+    if isinstance(cfg, (vcfg.GenerateConfig, vcfg.EvalConfig)):
+        names = ["rewrite_stage", "judge_stage"]
+        if isinstance(cfg, vcfg.EvalConfig) or cfg.kind == "dpo":
+            names += ["t2v_stage", "video_judge_stage"]
+        return [(n, res(s.num_cpus, s.num_gpus, s.accelerator_type)) for n in names for s in [getattr(cfg, n)]]
+    if isinstance(cfg, vcfg.TrainConfig):
+        return [("train worker", res(cfg.cpus_per_worker, 1.0 if cfg.use_gpu else 0.0, cfg.accelerator_type))]
+    if isinstance(cfg, vcfg.ServeConfig):
+        return [("optimizer replica", res(cfg.num_cpus, cfg.num_gpus, cfg.accelerator_type))]
+    return []
+
+
+@pytest.mark.parametrize("name", ["build_sft", "build_dpo", "train_sft", "train_dpo", "evaluate", "serve",
+                                  "full_loop"])
+def test_every_request_fits_a_group_the_autoscaler_can_start(name):
+    """Each actor, worker and replica (CPU, GPU, GPU model) fits a worker group as Ray's KubeRay
+    autoscaler reads it, so asking for it scales that group up from zero."""
+    if name == "serve":
+        (_, svc), = ray_objects("RayService")
+        types = _node_types(svc["spec"]["rayClusterConfig"])
+    else:
+        (_, cluster), = ray_objects("RayCluster")
+        types = _node_types(cluster["spec"])
+    for cfg in configs_of(name):
+        for what, req in _requests(cfg):
+            fits = [g for g, offer in types.items() if all(offer.get(k, 0) >= v for k, v in req.items())]
+            assert fits, f"jobs/{name}.yaml {what} asks for {req}; no worker group offers it: {types}"
+            if req["GPU"]:
+                assert any(k.startswith("accelerator_type:") for k in req), f"{name} {what}: GPU model not pinned"
+
+
+@pytest.mark.parametrize("name", ["build_sft", "build_dpo", "train_sft", "train_dpo", "evaluate", "serve",
+                                  "full_loop"])
 def test_job_gpu_needs_fit_the_worker_groups(name):
     groups = _gpu_groups()
     capacity = sum(g * n for g, n in groups.values())
@@ -388,16 +436,41 @@ def test_serve_config_is_valid_for_ray_serve_and_names_the_app():
     from ray.serve.schema import ServeDeploySchema
 
     svc, serve_cfg = _serve_app()
-    ServeDeploySchema.model_validate(serve_cfg) if hasattr(ServeDeploySchema, "model_validate") \
-        else ServeDeploySchema.parse_obj(serve_cfg)
+    ServeDeploySchema.model_validate(serve_cfg)
     (app,) = serve_cfg["applications"]
     assert app["import_path"] == "vpo_ray.serve.app:build_app"
     assert app["route_prefix"] == "/"
     assert serve_cfg["http_options"]["host"] == "0.0.0.0"  # the proxy must take traffic from the Service
-    config_path = Path(app["args"]["config"])
-    assert config_path.parts[:4] == ("/", "home", "ray", "vpo_ray")  # WORKDIR of cluster/Dockerfile
-    assert (REPO / config_path.relative_to("/home/ray/vpo_ray")).is_file()
-    assert "WORKDIR /home/ray/vpo_ray" in (CLUSTER / "Dockerfile").read_text()
+    assert "config" not in app["args"], "the settings themselves belong in serveConfigV2, not a file in the image"
+    assert all(isinstance(v, str) for v in app["runtime_env"]["env_vars"].values())
+
+
+def _serve_args_config():
+    from vpo_ray.serve.app import config_from_args
+
+    _, serve_cfg = _serve_app()
+    return config_from_args(serve_cfg["applications"][0]["args"])
+
+
+def test_serve_settings_in_the_rayservice_equal_jobs_serve_yaml():
+    """`ray job submit -- python -m jobs.serve` and the RayService serve the same thing the same way."""
+    assert vcfg.to_dict(_serve_args_config()) == vcfg.to_dict(job_config("serve"))
+
+
+def test_serve_deployments_block_is_what_the_args_give():
+    """Serve applies `deployments:` over the code's options: they must not say something else."""
+    from vpo_ray.serve.deployments import deployment_options
+
+    _, serve_cfg = _serve_app()
+    given = {d["name"]: d for d in serve_cfg["applications"][0]["deployments"]}
+    model_opts, api_opts = deployment_options(_serve_args_config())
+    assert set(given) == {"OptimizerModel", "OptimizerAPI"}
+    for name, opts in (("OptimizerModel", model_opts), ("OptimizerAPI", api_opts)):
+        for key, value in given[name].items():
+            if key != "name":
+                assert value == opts[key], f"{name}.{key}: serveConfigV2 says {value}, the args give {opts[key]}"
+    assert given["OptimizerModel"]["autoscaling_config"] == model_opts["autoscaling_config"]
+    assert given["OptimizerModel"]["ray_actor_options"]["accelerator_type"]
 
 
 def test_serve_deployment_names_exist_in_the_app():

@@ -282,7 +282,9 @@ TINY_LOOP = [
     "gen.video.num_frames=9", "gen.video.height=32", "gen.video.width=32", "gen.video.num_inference_steps=2",
     "gen.video.judge_frames=2",
     *[f"gen.{stage}.{key}" for stage in ("rewrite_stage", "judge_stage", "t2v_stage", "video_judge_stage")
-      for key in ("num_gpus=0", "num_cpus=1", "min_actors=1", "max_actors=1", "batch_size=2")],
+      for key in ("num_gpus=0", "num_cpus=1", "min_actors=1", "max_actors=1", "batch_size=2",
+                  "accelerator_type=null")],
+    "train.accelerator_type=null",
 ]
 
 
@@ -303,3 +305,87 @@ def test_tiny_full_loop_runs_across_both_nodes(two_nodes):
     assert [h["kind"] for h in summary["history"]] == ["sft", "dpo"]
     used = two_nodes.job_nodes(sid)
     assert {head, worker} <= used, f"work ran on {used}; head {head}, worker {worker}"
+
+
+# ---------------------------------------------------------------------------- the job chain
+
+def _tiny_stages(*stages: str) -> list[str]:
+    return [f"{stage}.{key}" for stage in stages for key in
+            ("num_gpus=0", "num_cpus=1", "min_actors=1", "max_actors=1", "batch_size=2", "accelerator_type=null")]
+
+
+# jobs/*.yaml are the GPU cluster's settings: these only shrink them to the tiny CPU run. No path
+# is overridden: every job reads what the one before wrote, by the paths in the YAMLs themselves.
+TINY_TRAIN = ["preset=tiny", "use_gpu=false", "accelerator_type=null", "num_workers=1", "precision=fp32",
+              "deepspeed_stage=0", "gradient_checkpointing=false", "per_device_batch_size=2",
+              "gradient_accumulation_steps=1", "max_length=384", "save_steps=1", "max_steps=1"]
+CHAIN = [
+    ("build_sft", ["preset=tiny", "limit=3", "num_samples=2", "sampling.max_new_tokens=12",
+                   "judge_sampling.max_new_tokens=8", *_tiny_stages("rewrite_stage", "judge_stage")]),
+    ("train_sft", TINY_TRAIN),
+    ("build_dpo", ["preset=tiny", "limit=3", "num_samples=2", "sampling.max_new_tokens=12",
+                   "judge_sampling.max_new_tokens=8",
+                   *_tiny_stages("rewrite_stage", "judge_stage", "t2v_stage", "video_judge_stage")]),
+    ("train_dpo", TINY_TRAIN),
+    ("evaluate", ["preset=tiny", "limit=2", "videos=false", "bootstrap=0", "sampling.max_new_tokens=12",
+                  "judge_sampling.max_new_tokens=8", *_tiny_stages("rewrite_stage", "judge_stage")]),
+]
+MOUNT = "/mnt/vpo"  # the shared volume every job YAML and manifest names (cluster/pvc.yaml)
+
+
+def _on_this_machine(text: str, root: Path) -> str:
+    """A job file with the shared volume moved under the test's folder (nothing else changes)."""
+    assert MOUNT in text
+    return text.replace(MOUNT, str(root))
+
+
+def test_job_chain_reads_each_previous_output(two_nodes):
+    """build_sft -> train_sft -> build_dpo -> train_dpo -> evaluate through `ray job submit`, with
+    jobs/*.yaml as shipped; then the optimizer jobs/serve.yaml and the RayService name is the one
+    train_dpo exported. A job naming a path its predecessor does not write fails here."""
+    root = two_nodes.root / "vol"
+    (root / "data").mkdir(parents=True)
+    shutil.copy(REPO / "tests" / "data" / "queries_objects.json", root / "data" / "vpo_sft_queries.json")
+    shutil.copy(REPO / "tests" / "data" / "queries_strings.json", root / "data" / "vpo_dpo_queries.json")
+    (root / "jobs").mkdir()
+    for name in [n for n, _ in CHAIN] + ["serve"]:
+        (root / "jobs" / f"{name}.yaml").write_text(_on_this_machine((REPO / "jobs" / f"{name}.yaml").read_text(), root))
+    for name, tiny in CHAIN:
+        sid, status, logs = two_nodes.submit(
+            [sys.executable, "-m", f"jobs.{name}", "--config", str(root / "jobs" / f"{name}.yaml"), *tiny],
+            timeout=1500)
+        assert status == "SUCCEEDED", f"jobs.{name}: {logs[-4000:]}"
+    runs = root / "runs"
+    train_dpo = json.loads((runs / "train_dpo" / "summary.json").read_text())
+    assert (train_dpo["base_model"], train_dpo["model"]) == (str(runs / "train_sft" / "model"),
+                                                             str(runs / "train_dpo" / "model"))
+    sources = json.loads((runs / "eval" / "metrics.json").read_text())["sources"]
+    assert (sources["sft"]["model"], sources["dpo"]["model"]) == (str(runs / "train_sft" / "model"),
+                                                                 str(runs / "train_dpo" / "model"))
+    _check_readable(runs)
+    from datasets import load_dataset
+
+    assert len(load_dataset(str(runs / "build_dpo"), split="train")) == \
+        json.loads((runs / "build_dpo" / "summary.json").read_text())["output_rows"]
+    _serve_the_trained_optimizer(root, runs / "train_dpo" / "model")
+
+
+def _check_readable(runs: Path) -> None:
+    """Other users and pods on the shared volume can read every artifact (0644 / 0755)."""
+    private = [str(p) for p in runs.rglob("*") if p.stat().st_mode & 0o044 != 0o044 and "ray_results" not in p.parts]
+    assert not private, f"not group/world-readable: {private[:5]}"
+
+
+def _serve_the_trained_optimizer(root: Path, export: Path) -> None:
+    from vpo_ray.config import load_config, replace
+    from vpo_ray.models import registry
+    from vpo_ray.serve.app import config_from_args
+    from vpo_ray.serve.engine import GenRequest, OptimizerEngine
+
+    (svc,) = [d for d in yaml.safe_load_all(_on_this_machine((REPO / "cluster" / "rayservice.yaml").read_text(), root))]
+    app = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]
+    for cfg in (config_from_args(app["args"]), config_from_args({"config": str(root / "jobs" / "serve.yaml")})):
+        assert registry.model_path(cfg.model) == str(export)
+    cpu = replace(load_config(type(cfg), None, None, **{"model": cfg.model, "preset": "tiny"}), max_new_tokens=8)
+    out = OptimizerEngine(cpu).generate([GenRequest("a cat surfing at sunset", seed=1, max_new_tokens=8)])[0]
+    assert out.completion_tokens[0] > 0 and out.finish_reasons[0] in ("stop", "length")

@@ -40,6 +40,9 @@ class StageConfig:
     num_gpus: float = 0.0  # whole GPUs on a cluster, fractions when roles share one GPU
     num_cpus: float = 1.0
     batch_size: int = 8
+    # GPU model the pool's actors need (Ray's accelerator_type: "A10G", "A100", "H100");
+    # None = any. On an autoscaling cluster a worker group must declare it (cluster/README.md).
+    accelerator_type: Optional[str] = None
 
 
 WEIGHTS = ("pretrained", "random")  # a job's `weights`: released checkpoints, or real architectures with random weights
@@ -196,6 +199,7 @@ class TrainConfig:
     num_workers: int = 2
     cpus_per_worker: float = 1.0  # Ray resources each training worker reserves
     use_gpu: bool = False
+    accelerator_type: Optional[str] = None  # GPU model every worker needs ("A100", "H100"); None = any
     deepspeed_stage: int = 2  # 0 = no DeepSpeed (plain DDP), 2 or 3 = ZeRO stage
     deepspeed_config: Optional[str] = None  # a DeepSpeed JSON to use instead of the shipped zero2/zero3.json
     offload: bool = False  # ZeRO-Offload of optimizer (and params at stage 3) to CPU
@@ -298,6 +302,7 @@ class ServeConfig:
     route_prefix: str = "/"
     num_gpus: float = 0.0  # per optimizer replica; >0 places replicas on GPUs (fractions share one)
     num_cpus: float = 1.0  # per optimizer replica
+    accelerator_type: Optional[str] = None  # GPU model of optimizer replicas ("A10G", "L4"); None = any
     torch_threads: Optional[int] = None  # intra-op threads per replica; None = max(1, num_cpus)
     max_batch_size: int = 8  # sequences (sum of n over requests) in one generate call
     batch_wait_timeout_s: float = 0.02  # how long a partial batch waits for company

@@ -36,8 +36,10 @@ FLUSH_EVERY_S = float(os.environ.get("VPO_PART_FLUSH_S", "5"))  # a crash loses 
 def _placement(stage, cpu_scale: float = 1.0) -> dict:
     import ray.data
 
+    pinned = {"accelerator_type": stage.accelerator_type} if stage.accelerator_type else {}
     return dict(compute=ray.data.ActorPoolStrategy(min_size=stage.min_actors, max_size=stage.max_actors),
-                num_gpus=stage.num_gpus or None, num_cpus=stage.num_cpus * cpu_scale, batch_size=stage.batch_size)
+                num_gpus=stage.num_gpus or None, num_cpus=stage.num_cpus * cpu_scale, batch_size=stage.batch_size,
+                **pinned)
 
 
 def fit_stages(stages: dict, cluster: dict) -> float:

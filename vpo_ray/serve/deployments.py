@@ -434,8 +434,9 @@ def deployment_options(cfg: ServeConfig) -> tuple[dict, dict]:
     """(.options() of OptimizerModel, of OptimizerAPI) from the config."""
     a = cfg.autoscaling
     autoscaling = {k: val for k, val in dataclasses.asdict(a).items() if val is not None}
+    pinned = {"accelerator_type": cfg.accelerator_type} if cfg.accelerator_type else {}
     model_opts = dict(
-        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, **pinned},
         autoscaling_config=autoscaling,
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,

@@ -77,7 +77,8 @@ def build_trainer(cfg: TrainConfig, model_path: str, ref_model_path: Optional[st
                            "measure_ceiling": cfg.use_gpu and cfg.weights == "random"},  # benchmark runs
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker},
+                                     accelerator_type=cfg.accelerator_type),
         run_config=RunConfig(
             name=cfg.run_name or cfg.method,
             storage_path=storage_path,
