@@ -24,7 +24,13 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	  || echo "chromium could not be installed: the report browser test will be skipped"
 
-test: install browser
+# buildah (rootless-free OCI builds) and busybox (the stand-in base's wget) for tests/test_image.py.
+image-tools:
+	@(command -v buildah >/dev/null 2>&1 && command -v busybox >/dev/null 2>&1) || (apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq buildah busybox-static >/dev/null) \
+	  || echo "buildah could not be installed: the image build test will be skipped"
+
+test: install browser image-tools
 	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
 
-.PHONY: install browser demo test
+.PHONY: install browser image-tools demo test
