@@ -158,23 +158,37 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class _Sampling(_Strict):
+class _Seeded(_Strict):
+    """Seed and temperature: every route that samples takes them."""
+    temperature: Optional[float] = Field(None, description="0 = greedy; default: the server's")
+    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED, description="same seed, same answer (row j uses seed + j)")
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_limit(cls, v: Optional[float], info) -> Optional[float]:
+        return _between(v, 0.0, _cfg(info).max_temperature)
+
+
+class _Query(_Strict):
+    """A route whose body names the query itself."""
+    query: str = Field(description="the text-to-video query; flags such as `-ar 16:9` are parsed out")
+
+    @field_validator("query")
+    @classmethod
+    def _clean(cls, v: str, info) -> str:
+        return clean_query(v, _cfg(info).max_query_chars)
+
+
+class _Sampling(_Seeded):
     """Sampling fields both /v1/optimize and /v1/chat/completions take."""
     n: int = Field(1, description="prompts to return (at most the server's max_n)")
-    temperature: Optional[float] = Field(None, description="0 = greedy; default: the server's")
     top_p: Optional[float] = Field(None, description="nucleus sampling mass, 0 < top_p <= 1")
-    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED, description="same seed, same answer (row j uses seed + j)")
 
     @field_validator("n")
     @classmethod
     def _n_limit(cls, v: int, info) -> int:
         _between(v, 1, _cfg(info).max_n)
         return v
-
-    @field_validator("temperature")
-    @classmethod
-    def _temperature_limit(cls, v: Optional[float], info) -> Optional[float]:
-        return _between(v, 0.0, _cfg(info).max_temperature)
 
     @field_validator("top_p")
     @classmethod
@@ -190,15 +204,9 @@ class _Sampling(_Strict):
             max_new_tokens=cfg.max_new_tokens if max_new_tokens is None else max_new_tokens)
 
 
-class OptimizeBody(_Sampling):
+class OptimizeBody(_Sampling, _Query):
     """`POST /v1/optimize`."""
-    query: str = Field(description="the text-to-video query; flags such as `-ar 16:9` are parsed out")
     max_new_tokens: Optional[int] = Field(None, description="tokens per prompt (at most the server's limit)")
-
-    @field_validator("query")
-    @classmethod
-    def _clean(cls, v: str, info) -> str:
-        return clean_query(v, _cfg(info).max_query_chars)
 
     @field_validator("max_new_tokens")
     @classmethod
@@ -206,22 +214,9 @@ class OptimizeBody(_Sampling):
         return _between(v, 1, _cfg(info).max_new_tokens)
 
 
-class RenderBody(_Strict):
+class RenderBody(_Seeded, _Query):
     """`POST /v1/render`: one prompt, one video."""
-    query: str
-    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
-    temperature: Optional[float] = None
     video_seed: Optional[int] = Field(None, ge=0, le=2 ** 32 - 1)
-
-    @field_validator("query")
-    @classmethod
-    def _clean(cls, v: str, info) -> str:
-        return clean_query(v, _cfg(info).max_query_chars)
-
-    @field_validator("temperature")
-    @classmethod
-    def _temperature_limit(cls, v: Optional[float], info) -> Optional[float]:
-        return _between(v, 0.0, _cfg(info).max_temperature)
 
 
 class TextPart(BaseModel):
