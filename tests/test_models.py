@@ -110,7 +110,7 @@ def test_missing_local_path_says_not_found(tmp_path):
 
 
 def test_model_path_passes_model_dirs_and_hub_ids_through(tmp_path):
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2"}')
     assert registry.model_path(str(tmp_path)) == str(tmp_path)
     assert registry.model_path("Qwen/Qwen2.5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"
     assert registry.model_path(get_spec("cogvideox-2b")) == "THUDM/CogVideoX-2b"

@@ -8,7 +8,7 @@ from vpo_ray.runs import RunFolderError, model_dir
 
 def _model(path):
     path.mkdir(parents=True)
-    (path / "config.json").write_text("{}")
+    (path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
     return str(path)
 
 
@@ -21,7 +21,7 @@ def test_a_model_folder_is_itself(tmp_path):
 
 def test_a_train_run_folder_is_its_export(tmp_path):
     export = _model(tmp_path / "train_sft" / "model")
-    (tmp_path / "train_sft" / "metrics.jsonl").write_text("")
+    (tmp_path / "train_sft" / "config.json").write_text(json.dumps({"method": "sft", "model": None}))  # the job's
     assert model_dir(str(tmp_path / "train_sft")) == export
 
 

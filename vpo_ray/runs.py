@@ -17,7 +17,6 @@ import os
 
 from vpo_ray.config import ConfigError
 
-MODEL_FILES = ("config.json", "model_index.json")  # transformers model / diffusers pipeline
 EXPORT_DIR = "model"  # where `vpo train` exports, below its out folder
 LOOP_SUMMARY = "loop_summary.json"
 
@@ -27,7 +26,16 @@ class RunFolderError(ConfigError):
 
 
 def is_model_folder(path: str) -> bool:
-    return any(os.path.isfile(os.path.join(path, f)) for f in MODEL_FILES)
+    """A diffusers pipeline (model_index.json) or a transformers model: a config.json with a
+    `model_type`. Run folders hold a config.json too (the job's settings), without one."""
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        return True
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and "model_type" in cfg
 
 
 def train_export(out: str) -> str:
@@ -53,6 +61,7 @@ def model_dir(path: str) -> str:
         if optimizer and optimizer != path:
             return model_dir(optimizer)
     raise RunFolderError(
-        f"{path} is not a model folder ({' or '.join(MODEL_FILES)}), nor a `vpo train` run folder "
+        f"{path} is not a model folder (model_index.json, or config.json with a model_type), nor a "
+        "`vpo train` run folder "
         f"({EXPORT_DIR}/config.json), nor a `vpo loop` folder ({LOOP_SUMMARY}): did the job that "
         "writes it finish, and does this path name its `out`?")
