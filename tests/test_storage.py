@@ -108,3 +108,25 @@ def test_the_cli_applies_the_umask_to_other_writers(tmp_path, monkeypatch, stric
     path = tmp_path / "written_by_a_library.bin"
     path.write_bytes(b"x")
     assert _mode(path) == 0o664
+
+
+def test_set_modes_publishes_privately_made_files(tmp_path, monkeypatch):
+    monkeypatch.delenv(storage.UMASK_ENV, raising=False)
+    (tmp_path / "model" / "sub").mkdir(parents=True)
+    for name, mode in (("model.safetensors", 0o600), ("sub/run.sh", 0o700)):
+        (tmp_path / "model" / name).write_bytes(b"x")
+        os.chmod(tmp_path / "model" / name, mode)
+    os.chmod(tmp_path / "model" / "sub", 0o700)
+    storage.set_modes(str(tmp_path / "model"))
+    assert (_mode(tmp_path / "model" / "model.safetensors"), _mode(tmp_path / "model" / "sub" / "run.sh"),
+            _mode(tmp_path / "model" / "sub")) == (0o644, 0o755, 0o755)
+
+
+def test_written_videos_are_readable(tmp_path, monkeypatch, strict_process_umask):
+    import numpy as np
+
+    from vpo_ray import video_io
+
+    monkeypatch.delenv(storage.UMASK_ENV, raising=False)
+    uri = video_io.write_mp4(np.zeros((4, 16, 16, 3), dtype=np.uint8), str(tmp_path / "videos" / "a.mp4"))
+    assert _mode(uri) == 0o644

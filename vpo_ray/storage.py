@@ -80,6 +80,24 @@ def apply_umask() -> int:
     return value
 
 
+def set_modes(path: str) -> None:
+    """Give a local file, or a folder and everything below it, the umask's modes (0644/0755 by
+    default; execute bits kept). For files other writers made privately (a mkstemp, a library's
+    own temp-and-rename) before they are published into a run folder."""
+    mask = umask()
+
+    def chmod(p: str, is_dir: bool) -> None:
+        current = os.stat(p).st_mode & 0o777
+        os.chmod(p, (0o777 if is_dir or current & 0o111 else 0o666) & ~mask)
+
+    chmod(path, os.path.isdir(path))
+    for root, dirs, files in os.walk(path):
+        for d in dirs:
+            chmod(os.path.join(root, d), True)
+        for f in files:
+            chmod(os.path.join(root, f), False)
+
+
 def _makedirs_local(path: str) -> None:
     """os.makedirs, then the umask's mode on every folder it created (not on existing ones)."""
     created, p = [], os.path.abspath(path)

@@ -103,6 +103,7 @@ def write_mp4(frames: Any, uri: str, fps: float = 8, crf: int = DEFAULT_CRF) -> 
     try:
         _encode(arr, tmp, fps, crf)
         if local:
+            storage.set_modes(tmp)  # mkstemp made it 0600; readers of the run folder need it
             os.replace(tmp, target)
         else:
             with open(tmp, "rb") as f:

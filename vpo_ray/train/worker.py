@@ -136,6 +136,7 @@ def _put_dir(local: str, uri: str) -> None:
         tmp = dst.rstrip("/") + ".tmp-export"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.move(local, tmp)
+        storage.set_modes(tmp)  # readable by the run folder's other readers (VPO_UMASK), like every artifact
         shutil.rmtree(dst, ignore_errors=True)
         os.replace(tmp, dst)
         return
