@@ -16,7 +16,8 @@ def test_split_overrides_by_stage(tmp_path):
     cfg = tmp_path / "loop.yaml"
     cfg.write_text("train:\n  learning_rate: 1.0e-4\nsft:\n  max_steps: 3\ngenerate:\n  video:\n    fps: 4\n")
     values, over = split_overrides(["gen.num_samples=4", "dpo.beta=0.2", "train.num_workers=1"], str(cfg))
-    assert over == {"generate": ["num_samples=4"], "train": ["num_workers=1"], "sft": [], "dpo": ["beta=0.2"]}
+    assert over == {"generate": ["num_samples=4"], "train": ["num_workers=1"], "sft": [], "dpo": ["beta=0.2"],
+                    "video_dpo": []}
     assert values["train"] == {"learning_rate": 1e-4} and values["sft"] == {"max_steps": 3}
     assert values["generate"] == {"video.fps": 4}
     with pytest.raises(ConfigError, match="prefix"):

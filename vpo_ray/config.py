@@ -127,6 +127,9 @@ class VideoConfig:
     fps: int = 8
     seeds_per_prompt: int = 1
     judge_frames: int = 8  # frames sampled with decord for the video judge
+    # Also save each video's denoised VAE latents beside its mp4 (<name>.latents.safetensors),
+    # written in the render actor: what `vpo train video-dpo` reads (CogVideoX and Wan only).
+    keep_latents: bool = False
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,7 @@ class GenerateConfig:
     preset: str = "tiny"
     weights: str = "pretrained"  # pretrained | random (the preset's real architectures, random weights)
     optimizer: Optional[str] = None  # model that samples candidates; None = preset's optimizer
+    t2v: Optional[str] = None  # text-to-video pipeline (dir or registry name); None = preset's (vpo loop: latest tuned)
     limit: Optional[int] = None  # take the first N queries (after shuffling with seed)
     num_samples: int = 2  # K rewrites per query (the paper samples several per query)
     near_dup_threshold: float = 0.85  # Jaccard on word 3-gram MinHash; above = duplicate
@@ -168,6 +172,9 @@ class GenerateConfig:
     refine: bool = True
     pair_margin: float = 0.5  # video pair needs score(i) - score(j) > margin
     max_pairs_per_query: int = 1
+    # kind=dpo: also write video_dpo.parquet, the video model's preference set (two seeds of one
+    # prompt, pair_margin rule; vpo_ray/pipeline/video_dpo_set.py). Needs video.seeds_per_prompt >= 2.
+    video_dpo_set: bool = False
     output_format: str = "parquet"  # parquet | jsonl
     sampling: SamplingConfig = SamplingConfig()
     # The paper's judge (GPT-4o) ran at temperature 0.7; the local judge samples its
@@ -369,6 +376,12 @@ class EvalConfig:
     # name=path (a model dir or a `vpo train` out dir), e.g. sft=runs/sft dpo1=runs/dpo1.
     sources: tuple[str, ...] = ("original", "few_shot")
     videos: bool = True  # False: text-level columns only (no T2V, no video judge)
+    # T2V models beside the preset's, as name=path (a `vpo train video-dpo` out dir, pipeline dir or
+    # registry name): every source renders with each on the same seeds, rows "<source>+<name>".
+    t2v_models: tuple[str, ...] = ()
+    # A second video judge training never saw (registry name or dir; None = none): it answers the
+    # same checklist beside the training judge, a guard against reward hacking (eval/video_models.py).
+    holdout_judge: Optional[str] = None
     sampling: SamplingConfig = SamplingConfig(temperature=0.0)  # optimizer decoding: greedy, one prompt per query
     # The paper's judge (GPT-4o) ran at temperature 0.7; the local judge samples its
     # Yes/No verdict at this temperature too (0 = always the likelier verdict).

@@ -139,9 +139,32 @@ def dpo_row(query_id: str, system: str, user: str, chosen: str, rejected: str, s
     }
 
 
+def video_dpo_row(query_id: str, sample_idx: int, prompt: str, model: str, chosen: dict, rejected: dict,
+                  scores: Optional[dict] = None) -> dict:
+    """One row of the video preference set (`vpo train video-dpo`): two videos of one prompt.
+
+    Diffusion-DPO conditions both videos on one text, so a pair is two seeds of the same
+    prompt, rendered by `model`. `chosen`/`rejected` are {"seed", "video_uri", "latents_uri",
+    "score"}: the latents (safetensors, the renderer's denoised output: what training reads)
+    sit beside the mp4 (what people watch). URIs are relative to the set's folder when
+    the files are under it, so a run folder can move.
+    """
+    row = {"query_id": query_id, "sample_idx": int(sample_idx), "prompt": prompt, "model": model}
+    for side, video in (("chosen", chosen), ("rejected", rejected)):
+        row[f"{side}_seed"] = int(video["seed"])
+        row[f"{side}_video"] = str(video["video_uri"])
+        row[f"{side}_latents"] = str(video["latents_uri"])
+        row[f"{side}_score"] = float(video["score"])
+    row["scores_json"] = json.dumps(scores or {}, sort_keys=True)
+    return row
+
+
 SFT_COLUMNS = ("query_id", "messages")
 DPO_COLUMNS = ("query_id", "prompt", "chosen", "rejected", "source", "scores_json")
 ERROR_COLUMNS = ("query_id", "stage", "reason", "error")
+VIDEO_DPO_COLUMNS = ("query_id", "sample_idx", "prompt", "model", "chosen_seed", "chosen_video", "chosen_latents",
+                     "chosen_score", "rejected_seed", "rejected_video", "rejected_latents", "rejected_score",
+                     "scores_json")
 
 
 def arrow_schema(kind: str):
@@ -154,6 +177,10 @@ def arrow_schema(kind: str):
     if kind == "dpo":
         return pa.schema([("query_id", pa.string()), ("prompt", msgs), ("chosen", msgs), ("rejected", msgs),
                           ("source", pa.string()), ("scores_json", pa.string())])
+    if kind == "video_dpo":
+        types = {"sample_idx": pa.int64(), "chosen_seed": pa.int64(), "rejected_seed": pa.int64(),
+                 "chosen_score": pa.float64(), "rejected_score": pa.float64()}
+        return pa.schema([(c, types.get(c, pa.string())) for c in VIDEO_DPO_COLUMNS])
     raise ValueError(f"no arrow schema for {kind!r}")
 
 

@@ -3,16 +3,18 @@
     vpo bench video-sampling --preset cogvideox-2b --out runs/bench --videos 3 baseline=[vae-tiling]
     vpo bench llm-stages --preset tiny --out runs/bench llm.prompts=4
     vpo bench train-step --preset tiny --out runs/bench train.steps=2
+    vpo bench video-dpo-step --preset cogvideox-2b --out runs/bench workers=[1,4]
 
 `--preset tiny` runs everything on CPU in CI time (the harness, not speed); any other
 preset or registry name builds the real architecture with random weights. Further
-settings are `key=value` overrides of `BenchConfig` (vpo_ray/config.py).
+settings are `key=value` overrides of `BenchConfig` (vpo_ray/config.py); video-dpo-step takes
+`BenchVideoDPOConfig` (vpo_ray/train/video_dpo_config.py) instead.
 """
 from __future__ import annotations
 
 import argparse
 
-BENCHMARKS = ("video-sampling", "llm-stages", "train-step")
+BENCHMARKS = ("video-sampling", "llm-stages", "train-step", "video-dpo-step")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +41,13 @@ def run(args: argparse.Namespace) -> int:
     from vpo_ray.bench.common import print_record
     from vpo_ray.config import BenchConfig, load_config
 
+    if args.name == "video-dpo-step":  # the video model's training step: its own config
+        from vpo_ray.bench import video_dpo_step
+        from vpo_ray.train.video_dpo_config import BenchVideoDPOConfig
+
+        print_record(video_dpo_step.run(load_config(BenchVideoDPOConfig, args.config, args.overrides,
+                                                    preset=args.preset, out=args.out, warmup=args.warmup)))
+        return 0
     cfg = load_config(BenchConfig, args.config, args.overrides, name=args.name, preset=args.preset, out=args.out,
                       videos=args.videos, warmup=args.warmup)
     record = run_bench(cfg)

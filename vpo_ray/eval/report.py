@@ -66,6 +66,9 @@ def table_columns(result: dict) -> list[tuple[str, str, int]]:
         cols.append((f"Score ↑ (/{max_score(result['checklist']):g})", "video.score", 2))
         cols += [(d.capitalize(), f"video.dimensions.{d}", 1) for d in dimensions_of(result["checklist"])]
         cols.append(("Win vs original ↑", "video.win_rate", 1))
+        if result.get("holdout_judge"):  # the second judge, which no training saw (eval/video_models.py)
+            cols += [(f"2nd judge score ↑ (/{max_score(result['checklist']):g})", "holdout.score", 2),
+                     ("2nd judge win ↑", "holdout.win_rate", 1)]
     return cols
 
 

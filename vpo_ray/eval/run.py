@@ -31,6 +31,7 @@ import numpy as np
 
 from vpo_ray import prompts, storage
 from vpo_ray.config import ConfigError, EvalConfig, load_config, to_dict
+from vpo_ray.eval import video_models
 from vpo_ray.models import random_weights
 from vpo_ray.pipeline.llm import Critic, Rewriter, row_seed
 from vpo_ray.schema import Flags
@@ -219,16 +220,22 @@ def _query_rows(queries: list[dict], source: Source) -> list[dict]:
     return rows
 
 
-def build_dataset(queries: list[dict], sources: list[Source], cfg: EvalConfig, models: dict):
+def build_dataset(queries: list[dict], sources: list[Source], cfg: EvalConfig, models: dict,
+                  t2v_models: Optional[list] = None):
     import ray
     import ray.data
-    from vpo_ray.pipeline.generate import RenderStage, _placement, fit_stages
+    from vpo_ray.eval import video_models
+    from vpo_ray.pipeline.generate import _placement, fit_stages
     from vpo_ray.pipeline.video_judge import VideoJudge
 
+    t2v_models = t2v_models or [video_models.T2VModel("", models.get("t2v", ""))]
     llm_sources = [s for s in sources if s.kind != "original"]
     stages = {f"rewrite[{s.name}]": cfg.rewrite_stage for s in llm_sources} | {"judge": cfg.judge_stage}
     if cfg.videos:
-        stages.update(t2v=cfg.t2v_stage, video_judge=cfg.video_judge_stage)
+        stages.update({f"t2v[{m.name or 'preset'}]": cfg.t2v_stage for m in t2v_models},
+                      video_judge=cfg.video_judge_stage)
+        if cfg.holdout_judge:
+            stages["holdout_judge"] = cfg.video_judge_stage
     scale = fit_stages(stages, ray.cluster_resources())  # every pool must start at once to pipeline
     n_blocks = max(1, min(len(queries), 64, len(queries) // max(1, cfg.rewrite_stage.batch_size)))
     parts = []
@@ -247,16 +254,14 @@ def build_dataset(queries: list[dict], sources: list[Source], cfg: EvalConfig, m
         **_placement(cfg.judge_stage, scale))
     if not cfg.videos:
         return ds
-    v = cfg.video  # what a rendered clip depends on (not judge_frames or the number of seeds)
-    salt = json.dumps([models["t2v"], v.num_frames, v.height, v.width, v.num_inference_steps, v.guidance_scale, v.fps])
-    ds = ds.flat_map(explode_for_video, num_cpus=TASK_CPUS, fn_kwargs=dict(  # cheap: never starves the pools
-        seeds_per_prompt=v.seeds_per_prompt, seed=cfg.seed, salt=salt))
-    ds = ds.map_batches(RenderStage, fn_constructor_kwargs=dict(
-        model=models["t2v"], video=cfg.video, out_root=storage.join(cfg.out, "render")),
-        **_placement(cfg.t2v_stage, scale))
-    return ds.map_batches(VideoJudge, fn_constructor_kwargs=dict(
-        model=models["video_judge"], checklist=[to_dict(c) for c in cfg.checklist],
-        num_frames=v.judge_frames), **_placement(cfg.video_judge_stage, scale))
+    ds = video_models.render(ds, t2v_models, cfg, scale)  # every source x T2V model, same seeds
+    judge_kwargs = dict(checklist=[to_dict(c) for c in cfg.checklist], num_frames=cfg.video.judge_frames)
+    ds = ds.map_batches(VideoJudge, fn_constructor_kwargs=dict(model=models["video_judge"], **judge_kwargs),
+                        **_placement(cfg.video_judge_stage, scale))
+    if cfg.holdout_judge:
+        ds = ds.map_batches(video_models.SecondJudge, fn_constructor_kwargs=dict(
+            model=models["holdout_judge"], **judge_kwargs), **_placement(cfg.video_judge_stage, scale))
+    return ds
 
 
 # ---------------------------------------------------------------------------- records
@@ -304,7 +309,8 @@ def video_record(row: dict) -> dict:
             "prompt": row.get("prompt") or "", "video_uri": row.get("video_uri") or "",
             "frames": int(row.get("frames") or 0), "fps": int(row.get("fps") or 0), "score": float(row.get("score") or 0.0),
             "checklist": json.loads(row.get("checklist_json") or "[]"),
-            "error": str(row.get("video_error") or "") or ("" if row.get("video_uri") else "not rendered")}
+            "error": str(row.get("video_error") or "") or ("" if row.get("video_uri") else "not rendered"),
+            **video_models.holdout_record(row)}
 
 
 def collect(ds, queries: dict[str, dict], cfg: EvalConfig) -> tuple[list[dict], list[dict]]:
@@ -359,7 +365,11 @@ def resolve_models(cfg: EvalConfig) -> dict[str, str]:
     from vpo_ray.models.registry import get_spec, model_path
 
     roles = ("optimizer", "judge", "t2v", "video_judge") if cfg.videos else ("optimizer", "judge")
-    return {r: model_path(get_spec(cfg.preset, r)) for r in roles}
+    models = {r: model_path(get_spec(cfg.preset, r)) for r in roles}
+    if cfg.videos and cfg.holdout_judge:  # a registry name or a model dir
+        held = os.path.expanduser(cfg.holdout_judge)
+        models["holdout_judge"] = held if os.path.isdir(held) else model_path(get_spec(cfg.holdout_judge, "video_judge"))
+    return models
 
 
 def load_queries(cfg: EvalConfig) -> tuple[list[dict], list[dict], str]:
@@ -391,20 +401,22 @@ def run_eval(cfg: EvalConfig) -> dict:
         raise ConfigError(f"queries: no usable query in {set_name} ({len(dropped)} dropped, see errors)")
     models = resolve_models(cfg)
     sources = parse_sources(cfg.sources, models["optimizer"])
-    log.info("eval: %d queries from %s, sources %s", len(queries), set_name, ", ".join(s.name for s in sources))
+    t2v_models = video_models.parse_t2v_models(cfg.t2v_models if cfg.videos else (), models.get("t2v", ""),
+                                               [s.name for s in sources])
+    names = [video_models.row_name(s.name, m) for m in t2v_models for s in sources]
+    log.info("eval: %d queries from %s, rows %s", len(queries), set_name, ", ".join(names))
 
     init_ray(cfg.ray)
     t_pipe = time.monotonic()
-    ds = build_dataset(queries, sources, cfg, models)
+    ds = build_dataset(queries, sources, cfg, models, t2v_models)
     texts, videos = collect(ds, {q["query_id"]: q for q in queries}, cfg)
     pipeline_s = time.monotonic() - t_pipe
-    order = {s.name: i for i, s in enumerate(sources)}
+    order = {n: i for i, n in enumerate(names)}
     qorder = {q["query_id"]: i for i, q in enumerate(queries)}
     texts.sort(key=lambda t: (order[t["source"]], qorder[t["query_id"]]))
     videos.sort(key=lambda v: (order[v["source"]], qorder[v["query_id"]], v["seed"]))
     _check_videos_unique(videos)
 
-    names = [s.name for s in sources]
     errors = dropped + [{"query_id": t["query_id"], "stage": "rewrite", "source": t["source"], "reason": t["error"],
                          "error": t["error"]} for t in texts if t["error"]]
     errors += [{"query_id": v["query_id"], "stage": "render" if v["error"].startswith("render") or not v["video_uri"]
@@ -422,9 +434,12 @@ def run_eval(cfg: EvalConfig) -> dict:
         "seeds_per_prompt": cfg.video.seeds_per_prompt if cfg.videos else 0,
         "checklist": [to_dict(c) for c in cfg.checklist],
         "metrics": compute_metrics(names, texts, videos, cfg),
+        "t2v_models": {m.name or "preset": m.path for m in t2v_models},
+        "holdout_judge": models.get("holdout_judge"),
         "errors": len(errors),
         "pipeline_seconds": round(pipeline_s, 3),
     }
+    result["guard"] = video_models.add_holdout_metrics(result["metrics"], videos, cfg)
     storage.write_jsonl(storage.join(cfg.out, "prompts.jsonl"), texts)
     storage.write_jsonl(storage.join(cfg.out, "videos.jsonl"), videos)
     storage.write_jsonl(storage.join(cfg.out, "errors.jsonl"), errors)

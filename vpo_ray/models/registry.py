@@ -105,6 +105,10 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in (
     ModelSpec("tiny-video-judge", "video_judge", "tiny-video-judge",
               "transformers.Qwen2VLForConditionalGeneration", dtype="float32", num_gpus=0.0, tiny=True,
               kwargs=(("min_pixels", 56 * 56), ("max_pixels", 112 * 112), ("arch_config", "tiny-vlm"))),
+    # other weights of the same class: `vpo eval holdout_judge=` (a judge no training step saw)
+    ModelSpec("tiny-video-judge-2", "video_judge", "tiny-video-judge-2",
+              "transformers.Qwen2VLForConditionalGeneration", dtype="float32", num_gpus=0.0, tiny=True,
+              kwargs=(("min_pixels", 56 * 56), ("max_pixels", 112 * 112), ("arch_config", "tiny-vlm"))),
 )}
 
 # An LLM entry serves either LLM role: these names may stand for optimizer or judge.

@@ -305,13 +305,14 @@ BUILDERS: dict[str, tuple[Callable[[str, int], None], int]] = {
     "tiny-t2v": (build_cogvideox, 3),
     "tiny-wan": (build_wan, 4),
     "tiny-video-judge": (build_video_judge, 5),
+    "tiny-video-judge-2": (build_video_judge, 6),
 }
 
 _CONFIG_FILES = {
     "tiny-optimizer": ("qwen2_lm",), "tiny-judge": ("qwen2_lm",),
     "tiny-t2v": ("t5_encoder", "cogvideox_transformer", "cogvideox_vae"),
     "tiny-wan": ("umt5_encoder", "wan_transformer", "wan_vae"),
-    "tiny-video-judge": ("qwen2_vl",),
+    "tiny-video-judge": ("qwen2_vl",), "tiny-video-judge-2": ("qwen2_vl",),
 }
 
 

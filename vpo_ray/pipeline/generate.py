@@ -23,6 +23,7 @@ from typing import Any, Iterable, Optional
 import numpy as np
 
 from vpo_ray import prompts, storage
+from vpo_ray.pipeline import video_dpo_set
 from vpo_ray.config import GenerateConfig, load_config, to_dict
 from vpo_ray.schema import Flags, dpo_row, error_row, sft_row
 
@@ -123,7 +124,7 @@ def resolve_models(cfg: GenerateConfig) -> dict[str, str]:
     roles = {"optimizer": cfg.optimizer or model_path(get_spec(cfg.preset, "optimizer")),
              "judge": model_path(get_spec(cfg.preset, "judge"))}
     if cfg.kind == "dpo":
-        roles["t2v"] = model_path(get_spec(cfg.preset, "t2v"))
+        roles["t2v"] = cfg.t2v or model_path(get_spec(cfg.preset, "t2v"))  # the renderer loads a dir or a name
         roles["video_judge"] = model_path(get_spec(cfg.preset, "video_judge"))
     return roles
 
@@ -366,6 +367,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
     from vpo_ray.data.ingest import ingest
 
     check_config(cfg)
+    cfg = video_dpo_set.configure(cfg)  # the video model's preference set keeps latents at render time
     t_start = time.monotonic()
     out = cfg.out
     storage.makedirs(out)
@@ -455,6 +457,8 @@ def _consolidate(cfg, ing, done: dict, queries: dict, ingest_s: float, stream: d
         summary["stages"]["pairs"] = {"text_pairs": sum(1 for r in rows if r["source"] == "text"),
                                       "video_pairs": sum(1 for r in rows if r["source"] == "video"),
                                       "no_pair": by_stage.get("pairs", 0)}
+        if cfg.video_dpo_set:
+            summary["stages"]["video_dpo_set"] = video_dpo_set.write(cfg, videos)
     else:
         summary["stages"]["sft"] = {"rows_out": len(rows),
                                     "from_passing": sum(1 for rec in recs if rec.get("how") == "passing"),

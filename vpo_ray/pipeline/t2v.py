@@ -4,7 +4,9 @@ Rows in: `query_id`, `sample_idx`, `prompt`, `negative_prompt` ("" = none), `see
 `aspect_ratio` ("" = the configured size, else "W:H"). Rows out: the `schema.Video` fields
 plus `error` ("" when the row rendered; otherwise the row still comes out, with `video_uri`
 "" and the reason). Decoded frames and latents never leave the actor: the mp4 is written
-here and only its URI goes downstream (ARCHITECTURE.md, "GPU placement").
+here and only its URI goes downstream (ARCHITECTURE.md, "GPU placement"). With
+`video.keep_latents` the denoised latents are written here too, beside the mp4
+(`latents_uri`), for the video model's preference training.
 
 Rendering is deterministic per seed (the initial noise comes from a CPU `torch.Generator`,
 so it is the same on any device) and rerun-safe (a readable mp4 at the target path is
@@ -318,6 +320,53 @@ def splits_decode(pipe) -> bool:
     return type(pipe).__name__.startswith(("CogVideoX", "Wan"))
 
 
+# ---------------------------------------------------------------------------- latents
+
+LATENTS_SUFFIX = ".latents.safetensors"
+
+
+def latents_uri(video_uri: str) -> str:
+    """Where the renderer keeps a video's latents: beside its mp4 (`video.keep_latents`)."""
+    stem = video_uri[:-4] if video_uri.endswith(".mp4") else video_uri
+    return stem + LATENTS_SUFFIX
+
+
+def latents_layout(pipe) -> str:
+    """Axis order of the pipeline's `output_type="latent"` tensor, batch axis dropped."""
+    return "FCHW" if type(pipe).__name__.startswith("CogVideoX") else "CFHW"
+
+
+def save_latents(uri: str, latents, metadata: dict) -> None:
+    """One video's denoised latents (batch axis dropped) as safetensors, written atomically."""
+    from safetensors.torch import save
+
+    tensor = latents.detach()[0].to("cpu").contiguous()
+    storage.write_bytes(uri, save({"latents": tensor}, metadata={k: str(v) for k, v in metadata.items()}))
+
+
+def latents_header(uri: str) -> tuple[list[int], dict]:
+    """(shape of the latents, metadata) from a latents file's header alone (no tensor read)."""
+    fs, path = storage.fs_for(uri)
+    try:
+        with fs.open(path, "rb") as f:  # safetensors: 8-byte little-endian header size, then a JSON header
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{uri}: not a readable latents file ({type(e).__name__}: {e})") from None
+    if "latents" not in header:
+        raise ValueError(f"{uri}: no 'latents' tensor (keys: {', '.join(k for k in header if k != '__metadata__')})")
+    return list(header["latents"]["shape"]), header.get("__metadata__") or {}
+
+
+def load_latents(uri: str):
+    """The latents tensor of a file written by `save_latents`."""
+    from safetensors.torch import load
+
+    tensors = load(storage.read_bytes(uri))
+    if "latents" not in tensors:
+        raise ValueError(f"{uri}: no 'latents' tensor (keys: {', '.join(tensors) or 'none'})")
+    return tensors["latents"]
+
+
 # ---------------------------------------------------------------------------- the actor
 
 class T2VRenderer:
@@ -348,6 +397,10 @@ class T2VRenderer:
         self.pipe.set_progress_bar_config(disable=True)
         self.notes = apply_optimizations(self.pipe, self.opts, self.device)
         self.multiple = size_multiple(self.pipe)
+        self.keep_latents = bool(getattr(self.video, "keep_latents", False))
+        if self.keep_latents and not splits_decode(self.pipe):
+            raise ValueError(f"video.keep_latents: {type(self.pipe).__name__} decodes inside its call, so its "
+                             "latents never reach the renderer (CogVideoX and Wan keep them)")
         self._text_shape = getattr(self.pipe, "_vpo_text_shape", None)
         self._cuda = self.device.startswith("cuda") and torch.cuda.is_available()
         self._denoise_lock = threading.Lock()  # one denoising loop on the GPU at a time
@@ -458,6 +511,10 @@ class T2VRenderer:
 
         try:
             t0 = time.perf_counter()
+            kind, tensor, _ = denoised
+            if self.keep_latents and kind == "latent":  # before the mp4: an mp4 without latents is redone
+                save_latents(latents_uri(uri), tensor, {"layout": latents_layout(self.pipe), "model": self.model_name,
+                                                        "seed": int(row["seed"]), "prompt": str(row.get("prompt", ""))})
             frames = self.decode(*denoised)
             t1 = time.perf_counter()
             video_io.write_mp4(frames, uri, self.video.fps)
@@ -473,6 +530,8 @@ class T2VRenderer:
         try:
             uri = self.target_uri(row)
             existing = self._existing_frames(uri)
+            if existing and self.keep_latents and not storage.exists(latents_uri(uri)):
+                existing = 0  # rendered before latents were kept: render again to get them
             if existing:
                 return self._row(row, uri, existing, timings={"skipped": True})
             prompt = str(row.get("prompt") or "").strip()

@@ -7,9 +7,15 @@ Each DPO round starts from the previous round's export and uses it as the frozen
 reference. Every stage writes its own folder; a stage whose summary.json is there
 is skipped, so re-running the same command continues where a crash stopped it.
 
+`--tune` picks what the DPO rounds train: the optimizer (the VPO method, default), the
+video model (Diffusion-DPO on same-prompt video pairs, vpo_ray/train/video_dpo.py), or
+both. With the video model tuned, round k's set is also the video preference set
+(video_dpo_set, >= 2 seeds per prompt), round_k/video_dpo trains the T2V model from the
+previous round's, and round k+1 renders with it.
+
 Settings per stage go in as prefixed overrides: `gen.num_samples=4`, `sft.max_steps=20`,
-`dpo.beta=0.2`, `train.deepspeed_stage=3` (both trainings), or a YAML file with
-`generate:`, `train:`, `sft:` and `dpo:` sections.
+`dpo.beta=0.2`, `train.deepspeed_stage=3` (both optimizer trainings), `video_dpo.beta=2500`,
+or a YAML file with `generate:`, `train:`, `sft:`, `dpo:` and `video_dpo:` sections.
 """
 from __future__ import annotations
 
@@ -24,31 +30,38 @@ from vpo_ray import storage
 from vpo_ray.config import (ConfigError, GenerateConfig, TrainConfig, load_config, load_config_with_defaults,
                             parse_override)
 from vpo_ray.models.registry import preset_job_defaults
+from vpo_ray.train.video_dpo_config import VideoDPOConfig
 
 log = logging.getLogger("vpo.loop")
 
-SECTIONS = {"gen": "generate", "generate": "generate", "train": "train", "sft": "sft", "dpo": "dpo"}
+SECTIONS = {"gen": "generate", "generate": "generate", "train": "train", "sft": "sft", "dpo": "dpo",
+            "video_dpo": "video_dpo"}
+TUNE = ("optimizer", "video", "both")  # what the DPO rounds train
+# Generate settings a round that tunes the video model needs unless the user sets them:
+# two seeds per prompt, so that two videos of one prompt can pair (Diffusion-DPO).
+VIDEO_ROUND_DEFAULTS = {"video.seeds_per_prompt": 2}
 
 
 def split_overrides(overrides: list[str], yaml_path: Optional[str] = None) -> tuple[dict, dict]:
     """(YAML values, overrides) per section: `sft.max_steps=3` -> overrides["sft"] == ["max_steps=3"]."""
-    values: dict[str, dict] = {"generate": {}, "train": {}, "sft": {}, "dpo": {}}
-    out: dict[str, list[str]] = {"generate": [], "train": [], "sft": [], "dpo": []}
+    values: dict[str, dict] = {name: {} for name in set(SECTIONS.values())}
+    out: dict[str, list[str]] = {name: [] for name in set(SECTIONS.values())}
     if yaml_path:
         import yaml
 
         data = yaml.safe_load(Path(yaml_path).read_text()) or {}
         if not isinstance(data, dict):
-            raise ConfigError(f"loop config {yaml_path}: expected sections generate/train/sft/dpo")
+            raise ConfigError(f"loop config {yaml_path}: expected sections generate/train/sft/dpo/video_dpo")
         for section, given in data.items():
             if section not in SECTIONS or not isinstance(given, dict):
-                raise ConfigError(f"loop config {yaml_path}: unknown section '{section}' (known: generate, train, sft, dpo)")
+                raise ConfigError(f"loop config {yaml_path}: unknown section '{section}' "
+                                  "(known: generate, train, sft, dpo, video_dpo)")
             values[SECTIONS[section]].update(dict(_flatten(given)))
     for item in overrides:
         key, _ = parse_override(item)
         section, _, rest = key.partition(".")
         if section not in SECTIONS or not rest:
-            raise ConfigError(f"loop override '{item}': prefix it with gen., train., sft. or dpo.")
+            raise ConfigError(f"loop override '{item}': prefix it with gen., train., sft., dpo. or video_dpo.")
         out[SECTIONS[section]].append(item[len(section) + 1:])
     return values, out
 
@@ -68,61 +81,80 @@ def _done(out: str) -> Optional[dict]:
 
 def run_loop(rounds: int, queries: str, out: str, preset: str = "tiny", overrides: Optional[list[str]] = None,
              config_path: Optional[str] = None, generate_fn: Optional[Callable[[GenerateConfig], dict]] = None,
-             train_fn: Optional[Callable[[TrainConfig], dict]] = None) -> dict:
-    """SFT round then `rounds` DPO rounds; returns (and writes) DIR/loop_summary.json."""
+             train_fn: Optional[Callable[[TrainConfig], dict]] = None, tune: str = "optimizer",
+             video_train_fn: Optional[Callable] = None) -> dict:
+    """SFT round then `rounds` DPO rounds tuning `tune`; returns (and writes) DIR/loop_summary.json."""
     if rounds < 0:
         raise ConfigError(f"rounds: expected >= 0 DPO rounds, got {rounds}")
     if not queries:
         raise ConfigError("queries: no query file given (--queries PATH)")
+    if tune not in TUNE:
+        raise ConfigError(f"tune: expected one of {', '.join(TUNE)}, got {tune!r}")
     if generate_fn is None:
         from vpo_ray.pipeline.generate import run_generate as generate_fn
     if train_fn is None:
         from vpo_ray.train.runner import train as train_fn
+    if video_train_fn is None:
+        from vpo_ray.train.video_dpo import train_video_dpo as video_train_fn
     values, sections = split_overrides(overrides or [], config_path)
+    video = tune in ("video", "both")
     # As `vpo generate --preset` does: the preset's job settings fill only keys the YAML
     # sections and overrides leave unset. They are generate settings; training has none.
-    gen_defaults = preset_job_defaults(preset)
+    gen_defaults = {**preset_job_defaults(preset), **(VIDEO_ROUND_DEFAULTS if video else {})}
 
-    def gen_cfg(kind: str, data_dir: str, optimizer: Optional[str]) -> GenerateConfig:
+    def gen_cfg(kind: str, data_dir: str, optimizer: Optional[str], t2v: Optional[str] = None) -> GenerateConfig:
+        extra = {"video_dpo_set": True, "t2v": t2v} if video and kind == "dpo" else {}
         return load_config_with_defaults(GenerateConfig, None, sections["generate"], gen_defaults, **{
             **values["generate"], "kind": kind, "queries": queries, "out": data_dir, "preset": preset,
-            "optimizer": optimizer})
+            "optimizer": optimizer, **extra})
 
-    def train_cfg(kind: str, data_dir: str, train_dir: str, optimizer: Optional[str]) -> TrainConfig:
+    def train_cfg(kind: str, data_dir: str, train_dir: str, model: Optional[str]):
+        if kind == "video_dpo":
+            return load_config(VideoDPOConfig, None, sections[kind], **{
+                **values[kind], "data": data_dir, "out": train_dir, "preset": preset, "model": model})
         return load_config(TrainConfig, None, sections["train"] + sections[kind], **{
             **values["train"], **values[kind], "method": kind, "data": data_dir, "out": train_dir,
-            "preset": preset, "model": optimizer})
+            "preset": preset, "model": model})
 
     for kind in ("sft", "dpo") if rounds else ("sft",):  # every stage's settings fail now, not hours in
         gen_cfg(kind, out, None)
         train_cfg(kind, out, out, None)
+    if video and rounds:
+        train_cfg("video_dpo", out, out, None)
     t0 = time.perf_counter()
     storage.makedirs(out)
     history: list[dict] = []
 
-    def stage(kind: str, k: int, optimizer: Optional[str]) -> str:
-        """Build round k's set with `optimizer`, train on it; returns the exported model."""
-        rdir = storage.join(out, f"round_{k}")
-        data_dir, train_dir = storage.join(rdir, f"{kind}_data"), storage.join(rdir, kind)
-        gen = _done(data_dir)
-        if gen is None:
-            gcfg = gen_cfg(kind, data_dir, optimizer)
-            log.info("round %d: building the %s set with %s", k, kind, optimizer or f"the {preset} optimizer")
-            gen = generate_fn(gcfg)
+    def stage(kind: str, k: int, data_dir: str, model: Optional[str]) -> str:
+        """Train `kind` on round k's set from `model`; returns the exported model."""
+        train_dir = storage.join(out, f"round_{k}", kind)
         trained = _done(train_dir)
         if trained is None:
-            tcfg = train_cfg(kind, data_dir, train_dir, optimizer)
-            log.info("round %d: training %s from %s", k, kind.upper(), optimizer or f"the {preset} optimizer")
-            trained = train_fn(tcfg)
-        history.append({"round": k, "kind": kind, "data": data_dir, "generate": _brief(gen),
-                        "train": {key: trained.get(key) for key in ("model", "global_step", "metrics", "wall_seconds")}})
+            log.info("round %d: training %s from %s", k, kind, model or f"the {preset} model")
+            fn = video_train_fn if kind == "video_dpo" else train_fn
+            trained = fn(train_cfg(kind, data_dir, train_dir, model))
+        history[-1]["train" if kind != "video_dpo" else "video_dpo"] = {
+            key: trained.get(key) for key in ("model", "global_step", "metrics", "wall_seconds")}
         return trained["model"]
 
-    current = stage("sft", 0, None)
+    def build(kind: str, k: int, optimizer: Optional[str], t2v: Optional[str] = None) -> str:
+        data_dir = storage.join(out, f"round_{k}", f"{kind}_data")
+        gen = _done(data_dir)
+        if gen is None:
+            log.info("round %d: building the %s set with %s", k, kind, optimizer or f"the {preset} optimizer")
+            gen = generate_fn(gen_cfg(kind, data_dir, optimizer, t2v))
+        history.append({"round": k, "kind": kind, "data": data_dir, "t2v": t2v, "generate": _brief(gen)})
+        return data_dir
+
+    optimizer, t2v = stage("sft", 0, build("sft", 0, None), None), None
     for k in range(1, rounds + 1):
-        current = stage("dpo", k, current)
-    summary = {"rounds": rounds, "queries": queries, "out": out, "optimizer": current, "history": history,
-               "wall_seconds": round(time.perf_counter() - t0, 2)}
+        data_dir = build("dpo", k, optimizer, t2v)
+        if video:  # the next round renders with this round's video model
+            t2v = stage("video_dpo", k, data_dir, t2v)
+        if tune != "video":
+            optimizer = stage("dpo", k, data_dir, optimizer)
+    summary = {"rounds": rounds, "tune": tune, "queries": queries, "out": out, "optimizer": optimizer,
+               "t2v": t2v, "history": history, "wall_seconds": round(time.perf_counter() - t0, 2)}
     storage.write_json(storage.join(out, "loop_summary.json"), summary)
     return summary
 
@@ -137,8 +169,12 @@ def add_arguments(p) -> None:
     p.add_argument("--queries", help="query file (json/jsonl/parquet/csv) or hf://dataset[:split]")
     p.add_argument("--out", default="runs/loop", help="output directory; round_k/ folders go here")
     p.add_argument("--preset", default="tiny", help="model preset (default tiny)")
-    p.add_argument("--config", help="YAML with generate:/train:/sft:/dpo: sections")
-    p.add_argument("overrides", nargs="*", help="prefixed overrides: gen.num_samples=4 sft.max_steps=20 dpo.beta=0.2")
+    p.add_argument("--tune", choices=TUNE, default="optimizer",
+                   help="what the DPO rounds train: the optimizer (VPO, default), the video model (Diffusion-DPO on "
+                        "same-prompt video pairs), or both")
+    p.add_argument("--config", help="YAML with generate:/train:/sft:/dpo:/video_dpo: sections")
+    p.add_argument("overrides", nargs="*", help="prefixed overrides: gen.num_samples=4 sft.max_steps=20 dpo.beta=0.2 "
+                                                "video_dpo.max_steps=50")
 
 
 def run(args) -> int:
@@ -147,13 +183,14 @@ def run(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        summary = run_loop(args.rounds, args.queries, args.out, args.preset, args.overrides, args.config)
+        summary = run_loop(args.rounds, args.queries, args.out, args.preset, args.overrides, args.config,
+                           tune=args.tune)
     except DataError as e:
         print(f"vpo loop: bad training data: {e}", file=sys.stderr)
         return 2
     except TrainError as e:
         print(f"vpo loop: {e}", file=sys.stderr)
         return 1
-    print(json.dumps({"optimizer": summary["optimizer"], "rounds": summary["rounds"],
+    print(json.dumps({"optimizer": summary["optimizer"], "t2v": summary["t2v"], "rounds": summary["rounds"],
                       "wall_seconds": summary["wall_seconds"]}, indent=2))
     return 0

@@ -189,7 +189,9 @@ def run_figures(cfg: TrainConfig, rows: list[dict], state: dict) -> dict:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("method", choices=["sft", "dpo"], help="SFT on the SFT set, or DPO on the DPO set")
+    p.add_argument("method", choices=["sft", "dpo", "video-dpo"],
+                   help="SFT on the SFT set, DPO on the DPO set, or video-dpo: Diffusion-DPO of the T2V model "
+                        "on the video preference set (vpo_ray/train/video_dpo.py)")
     p.add_argument("--data", help="training set: parquet/jsonl file or a `vpo generate` output directory")
     p.add_argument("--out", help="output directory (model/, metrics.jsonl, loss.png, ray_results/)")
     p.add_argument("--preset", help="model preset whose optimizer is the base model (default tiny)")
@@ -201,6 +203,10 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from vpo_ray.train.data import DataError
 
+    if args.method == "video-dpo":  # the video model's training: its own config and workers
+        from vpo_ray.train import video_dpo
+
+        return video_dpo.run(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = load_config(TrainConfig, args.config, args.overrides, method=args.method, data=args.data,
                       out=args.out, preset=args.preset, model=args.model)
