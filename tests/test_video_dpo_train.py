@@ -110,10 +110,10 @@ def test_export_loads_with_from_pretrained_renders_and_holds_the_lora(runs, tmp_
     assert any(not torch.equal(tuned_sd[k], base_sd[k]) for k in base_sd), "training changed no weight"
     base.load_lora_weights(clean["lora"])  # the adapter alone, as users load a LoRA
     base.fuse_lora()
+    base.unload_lora_weights()  # plain layers holding the fused weights
     fused = base.transformer.state_dict()
-    for k, v in tuned_sd.items():
-        key = k if k in fused else k.replace(".weight", ".base_layer.weight")
-        assert torch.allclose(fused[key], v, atol=1e-6), k
+    assert fused.keys() == tuned_sd.keys()
+    assert all(torch.allclose(fused[k], v, atol=1e-6) for k, v in tuned_sd.items())
     summary = json.loads((root / "clean" / "summary.json").read_text())
     assert summary["lora"] and summary["beta"] == 5000.0 and summary["learning_rate"] == 1e-3
 

@@ -24,7 +24,7 @@ def video(seed, answers, qid="q1", sample_idx=0, prompt="a cat on a piano", **ex
     ([(1, 1, 1), (1, 1, 0)], "first", None),             # dominates, gap exactly 0.5 = margin: not enough
     ([(1, 1, 1), (1, 1, 1)], "first", None),             # equal answers: no preference
     ([(1, 1, 0), (1, 0, 0), (0, 0, 0)], "first", (0, 1)),  # first qualifying (i, j) in order: gap 1
-    ([(1, 1, 0), (1, 0, 0), (0, 0, 0)], "largest_gap", (0, 2)),  # largest gap: 3
+    ([(1, 1, 0), (1, 0, 0), (0, 0, 0)], "largest-gap", (0, 2)),  # largest gap: 3
     ([(0, 0, 1), (1, 1, 1), (0, 0, 0)], "first", (1, 0)),  # i scans first: seed 1 over seed 0 (gap 3)
 ])
 def test_pair_rule_table(answers, select, expect):

@@ -12,7 +12,7 @@ checklist_json (or checklist), plus whatever the caller wants carried (video_uri
 Rows are grouped by (query_id, sample_idx); within a group, in the order given (the
 render order, i.e. seed order):
   * select="first" (the official rule's choice): the first (i, j) in that order, i over j;
-  * select="largest_gap": the largest score gap; ties go to the earliest (i, j).
+  * select="largest-gap": the largest score gap; ties go to the earliest (i, j).
 At most one pair per prompt. A group with fewer than two judged videos gives none.
 A malformed row raises ValueError naming query_id, sample_idx and seed.
 """
@@ -23,7 +23,7 @@ from typing import Mapping, Optional, Sequence
 
 from vpo_ray.data.pairs import dominates, weighted_score
 
-SELECT = ("first", "largest_gap")
+SELECT = ("first", "largest-gap")
 _EPS = 1e-9  # as in pairs.py: a gap of exactly the margin must not pass by float rounding
 
 
