@@ -153,3 +153,16 @@ def test_generate_config_refuses_a_video_set_it_cannot_build():
     with pytest.raises(ConfigError, match="kind=dpo"):
         video_dpo_set.configure(load_config(GenerateConfig, None, ["kind=sft", "video_dpo_set=true",
                                                                     "video.seeds_per_prompt=2"]))
+
+
+def test_random_weight_base_trains_without_an_export_only(tmp_path):
+    from vpo_ray.train.video_dpo import resolve_model, train_video_dpo
+
+    assert resolve_model(VideoDPOConfig(weights="random")) == "random:tiny-t2v"
+    assert resolve_model(VideoDPOConfig(weights="random", model="cogvideox-2b")) == "random:cogvideox-2b"
+    with pytest.raises(ConfigError, match="weights"):
+        load_config(VideoDPOConfig, None, ["weights=fake"])
+    write_video_set(tmp_path / "set", [((3, 4, 4, 4), (3, 4, 4, 4))])
+    with pytest.raises(ConfigError, match="export: the base random:tiny-t2v has random weights"):
+        train_video_dpo(VideoDPOConfig(data=str(tmp_path / "set"), out=str(tmp_path / "out"), weights="random"))
+    assert not (tmp_path / "out").exists(), "refused before anything was written"

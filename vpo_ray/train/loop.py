@@ -90,21 +90,18 @@ def run_loop(rounds: int, queries: str, out: str, preset: str = "tiny", override
         raise ConfigError("queries: no query file given (--queries PATH)")
     if tune not in TUNE:
         raise ConfigError(f"tune: expected one of {', '.join(TUNE)}, got {tune!r}")
-    if generate_fn is None:
-        from vpo_ray.pipeline.generate import run_generate as generate_fn
-    if train_fn is None:
-        from vpo_ray.train.runner import train as train_fn
-    if video_train_fn is None:
-        from vpo_ray.train.video_dpo import train_video_dpo as video_train_fn
+    generate_fn, train_fn, video_train_fn = _stage_functions(generate_fn, train_fn, video_train_fn)
     values, sections = split_overrides(overrides or [], config_path)
     video = tune in ("video", "both")
     # As `vpo generate --preset` does: the preset's job settings fill only keys the YAML
     # sections and overrides leave unset. They are generate settings; training has none.
-    gen_defaults = {**preset_job_defaults(preset), **(VIDEO_ROUND_DEFAULTS if video else {})}
+    gen_defaults = preset_job_defaults(preset)
 
     def gen_cfg(kind: str, data_dir: str, optimizer: Optional[str], t2v: Optional[str] = None) -> GenerateConfig:
-        extra = {"video_dpo_set": True, "t2v": t2v} if video and kind == "dpo" else {}
-        return load_config_with_defaults(GenerateConfig, None, sections["generate"], gen_defaults, **{
+        video_set = video and kind == "dpo"  # this set also tunes the video model
+        extra = {"video_dpo_set": True, "t2v": t2v} if video_set else {}
+        defaults = {**gen_defaults, **VIDEO_ROUND_DEFAULTS} if video_set else gen_defaults
+        return load_config_with_defaults(GenerateConfig, None, sections["generate"], defaults, **{
             **values["generate"], "kind": kind, "queries": queries, "out": data_dir, "preset": preset,
             "optimizer": optimizer, **extra})
 
@@ -157,6 +154,17 @@ def run_loop(rounds: int, queries: str, out: str, preset: str = "tiny", override
                "t2v": t2v, "history": history, "wall_seconds": round(time.perf_counter() - t0, 2)}
     storage.write_json(storage.join(out, "loop_summary.json"), summary)
     return summary
+
+
+def _stage_functions(generate_fn, train_fn, video_train_fn) -> tuple:
+    """The real stages wherever a caller (a test) gives none."""
+    if generate_fn is None:
+        from vpo_ray.pipeline.generate import run_generate as generate_fn
+    if train_fn is None:
+        from vpo_ray.train.runner import train as train_fn
+    if video_train_fn is None:
+        from vpo_ray.train.video_dpo import train_video_dpo as video_train_fn
+    return generate_fn, train_fn, video_train_fn
 
 
 def _brief(gen: dict) -> dict:

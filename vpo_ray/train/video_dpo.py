@@ -22,7 +22,7 @@ import threading
 import time
 
 from vpo_ray import storage
-from vpo_ray.config import load_config, replace, to_dict
+from vpo_ray.config import ConfigError, load_config, replace, to_dict
 from vpo_ray.train.data import DataError
 from vpo_ray.train.video_dpo_config import VideoDPOConfig
 
@@ -90,9 +90,12 @@ def read_pairs(path: str, same_shape: bool = False) -> tuple[list[str], list[dic
 def resolve_model(cfg: VideoDPOConfig) -> str:
     """The base pipeline: cfg.model (arch:<name>, a pipeline dir, a `vpo train video-dpo` out dir, a
     registry name) or the preset's text-to-video model."""
+    from vpo_ray.models.random_weights import RANDOM_PREFIX
     from vpo_ray.models.registry import get_spec, model_path
     from vpo_ray.pipeline.t2v import ARCH_PREFIX
 
+    if cfg.weights == "random":  # the whole pipeline at real size, random weights (models/random_weights.py)
+        return RANDOM_PREFIX + get_spec(cfg.model or cfg.preset, "t2v").name
     if not cfg.model:
         return model_path(get_spec(cfg.preset, "t2v"))
     if cfg.model.startswith(ARCH_PREFIX):
@@ -155,6 +158,9 @@ def train_video_dpo(cfg: VideoDPOConfig) -> dict:
                                              if getattr(cfg, k)})
     files, rows = read_pairs(cfg.data, same_shape=cfg.per_device_batch_size > 1)
     model_path = resolve_model(cfg)
+    if cfg.export and model_path.startswith(("arch:", "random:")):
+        raise ConfigError(f"export: the base {model_path} has random weights, no checkpoint to merge the trained "
+                          "weights into; set export=false (metrics and checkpoints are still written)")
     log.info("data ok: %d video pairs in %s; base model %s", len(rows), ", ".join(files), model_path)
     storage.makedirs(cfg.out)
     storage.write_json(storage.join(cfg.out, "config.json"), {**to_dict(cfg), "model": model_path,
@@ -171,8 +177,8 @@ def train_video_dpo(cfg: VideoDPOConfig) -> dict:
     steps = read_steps(storage.join(cfg.out, "metrics.jsonl"))
     plot_losses(steps, storage.join(cfg.out, "loss.png"), title=f"video Diffusion-DPO ({os.path.basename(cfg.out)})")
     summary = {
-        "method": "video-dpo", "model": storage.join(cfg.out, "model"),
-        "lora": storage.join(cfg.out, "lora") if cfg.lora else None, "base_model": model_path,
+        "method": "video-dpo", "model": storage.join(cfg.out, "model") if cfg.export else None,
+        "lora": storage.join(cfg.out, "lora") if cfg.lora and cfg.export else None, "base_model": model_path,
         "pairs": len(rows), "global_step": state["global_step"], "num_workers": cfg.num_workers,
         "deepspeed_stage": cfg.deepspeed_stage, "beta": cfg.beta, "learning_rate": cfg.lr,
         "metrics": summarise(steps), "resumed_from": state.get("resumed_from"),

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from vpo_ray.config import ConfigError, RayConfig
+from vpo_ray.config import ConfigError, RayConfig, check_weights
 
 # Learning rates when `learning_rate` is None (see the module docstring for the sources).
 DEFAULT_LR = {"lora": 1e-4, "full": 6e-6}
@@ -29,6 +29,8 @@ class VideoDPOConfig:
     out: str = "runs/video_dpo"  # model/ (diffusers pipeline), lora/, metrics.jsonl, loss.png, ray_results/
     preset: str = "tiny"  # whose t2v model is the base when `model` is None
     model: Optional[str] = None  # base pipeline: dir, registry name, or arch:<name> (random weights, benchmarks)
+    weights: str = "pretrained"  # pretrained | random: the base's real architecture with random weights (smoke runs)
+    export: bool = True  # write DIR/model (+ lora/); a random-weight base has none to merge into: set false
     # -- the method
     beta: float = 5000.0  # beta_dpo of the Diffusion-DPO loss (DiffusionDPO train.py default; VideoDPO config)
     timestep_sampling: str = "uniform"  # uniform over [0, T) as Diffusion-DPO; logit_normal | mode: diffusers'
@@ -72,6 +74,7 @@ class VideoDPOConfig:
     ray: RayConfig = RayConfig()
 
     def __post_init__(self) -> None:
+        check_weights(self.weights)
         checks = (
             (self.beta > 0, "beta", "must be > 0"),
             (self.timestep_sampling in TIMESTEP_SAMPLING, "timestep_sampling",

@@ -67,12 +67,13 @@ def step_generator(seed: int, step: int, micro: int, rank: int):
 
 def load_base(model_path: str, device: str, dtype: str):
     """The base pipeline with transformer and text encoder on `device` (the VAE stays on the CPU)."""
+    from vpo_ray.models.registry import load_t2v_pipeline
     from vpo_ray.pipeline import t2v
 
     if model_path.startswith(t2v.ARCH_PREFIX):  # real architecture, random weights, no text encoder
         return t2v.build_arch_pipeline(model_path[len(t2v.ARCH_PREFIX):], device, dtype)
-    from vpo_ray.models.registry import load_t2v_pipeline
-
+    if model_path.startswith("random:"):  # weights=random: built in place on the device, text encoder included
+        return load_t2v_pipeline(model_path, device, dtype)
     pipe = load_t2v_pipeline(model_path, "cpu", dtype)
     pipe.transformer.to(device)
     if pipe.text_encoder is not None:
@@ -265,15 +266,10 @@ def gathered_state_dict(module, cfg: VideoDPOConfig, rank: int) -> Optional[dict
 def export(state: dict, cfg: VideoDPOConfig, model_path: str, local_root: str) -> None:
     """Rank 0: DIR/model/ (a diffusers pipeline: the base with the trained transformer) and, for LoRA,
     DIR/lora/ (the adapter alone, loadable with pipe.load_lora_weights)."""
-    from vpo_ray.pipeline import t2v
+    from vpo_ray.models.registry import load_t2v_pipeline
     from vpo_ray.train.worker import _put_dir
 
-    if model_path.startswith(t2v.ARCH_PREFIX):  # no released base to put it in: the transformer alone
-        pipe = t2v.build_arch_pipeline(model_path[len(t2v.ARCH_PREFIX):], "cpu", "float32")
-    else:
-        from vpo_ray.models.registry import load_t2v_pipeline
-
-        pipe = load_t2v_pipeline(model_path, "cpu")
+    pipe = load_t2v_pipeline(model_path, "cpu")  # a released base (the driver refuses random-weight ones)
     if cfg.lora:
         lora_dir = os.path.join(local_root, "lora")
         type(pipe).save_lora_weights(lora_dir, transformer_lora_layers=state)
@@ -284,10 +280,7 @@ def export(state: dict, cfg: VideoDPOConfig, model_path: str, local_root: str) -
     else:
         pipe.transformer.load_state_dict(state)  # copies into the base's dtype
     model_dir = os.path.join(local_root, "model")
-    if model_path.startswith(t2v.ARCH_PREFIX):
-        pipe.transformer.save_pretrained(os.path.join(model_dir, "transformer"))
-    else:
-        pipe.save_pretrained(model_dir)
+    pipe.save_pretrained(model_dir)
     _put_dir(model_dir, storage.join(cfg.out, "model"))
 
 
@@ -413,9 +406,10 @@ def train_worker(config: dict) -> None:
             saved = step + 1
     local_root = tempfile.mkdtemp(prefix=f"vpo-video-dpo-export-r{rank}-")
     try:
-        state = gathered_state_dict(engine.module, cfg, rank)  # every rank takes part (ZeRO-3 gathers)
+        state = gathered_state_dict(engine.module, cfg, rank) if cfg.export else None  # all ranks (ZeRO-3 gathers)
         if rank == 0:
-            export(state, cfg, config["model_path"], local_root)
+            if cfg.export:
+                export(state, cfg, config["model_path"], local_root)
             storage.write_json(storage.join(cfg.out, "train_state.json"), {
                 "global_step": steps, "resumed_from": resumed_from, "job_id": config.get("job_id", ""),
                 "setup_seconds": round(setup_s, 2), "train_seconds": round(time.perf_counter() - t0 - setup_s, 2),
