@@ -127,23 +127,17 @@ def prompt_embeddings(pipe, prompts: list[str], device: str, dtype):
 
 
 def deepspeed_config(cfg: VideoDPOConfig, hidden: int) -> dict:
-    """The shipped ZeRO JSON (train/deepspeed/zeroN.json) with its "auto" values resolved; stage 0 = no ZeRO."""
-    from vpo_ray.train.worker import DS_DIR
+    """The shipped ZeRO JSON (train/deepspeed/zeroN.json, "auto" values resolved as the train-step
+    benchmark does) with this run's batch, accumulation and clipping; stage 0 = data parallel, no ZeRO."""
+    from vpo_ray.bench.train_step import _ds_config
 
-    ds = {"zero_optimization": {"stage": 0}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    bf16 = cfg.precision == "bf16"
     if cfg.deepspeed_stage:
-        ds = json.loads((DS_DIR / f"zero{cfg.deepspeed_stage}.json").read_text())
-        auto = {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
-                "stage3_param_persistence_threshold": 10 * hidden}
-        zero = ds["zero_optimization"]
-        for key, value in list(zero.items()):
-            if value == "auto":
-                zero[key] = auto[key]
-            if isinstance(value, dict) and value.get("device"):  # no ZeRO-Offload here
-                value["device"] = "none"
-    ds.update(train_micro_batch_size_per_gpu=cfg.per_device_batch_size,
-              gradient_accumulation_steps=cfg.gradient_accumulation_steps, gradient_clipping=cfg.max_grad_norm,
-              bf16={"enabled": cfg.precision == "bf16"}, fp16={"enabled": False})
+        ds = _ds_config(cfg.deepspeed_stage, cfg.per_device_batch_size, hidden, bf16)
+    else:
+        ds = {"zero_optimization": {"stage": 0}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9,
+              "train_micro_batch_size_per_gpu": cfg.per_device_batch_size, "bf16": {"enabled": bf16}}
+    ds.update(gradient_accumulation_steps=cfg.gradient_accumulation_steps, gradient_clipping=cfg.max_grad_norm)
     return ds
 
 
