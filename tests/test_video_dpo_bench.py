@@ -14,7 +14,8 @@ def test_pair_flops_count_lora_without_weight_gradients(tiny_cache):
 
     pipe = load_t2v_pipeline(model_path(get_spec("tiny", "t2v")), "cpu")
     full, lora = (pair_flops(pipe, 9, 32, 32, lora=x) for x in (False, True))
-    f, att = full["per_forward"], full["per_forward"] * full["attention_share"]
+    f, att = full["per_forward"], full["attention_per_forward"]
+    assert 0 < att < f
     assert full["per_pair"] == pytest.approx(2 * f + 4 * f + 2 * f)  # policy fwd, bwd (2x), reference fwd
     assert lora["per_pair"] == pytest.approx(2 * f + 2 * (f + att) + 2 * f)
     assert full["video_tokens"] == 3 * 2 * 2  # 3 latent frames of 4x4 latents in 2x2 patches

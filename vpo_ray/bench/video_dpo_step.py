@@ -40,7 +40,7 @@ def pair_flops(pipe, num_frames: int, height: int, width: int, lora: bool) -> di
                   width=width, guidance_scale=1.0, text_len=(getattr(pipe, "_vpo_text_shape", None) or (None,))[0])
     fwd, att = f["per_forward"], f["per_forward"] * f["attention_share"]
     backward = 2 * (fwd + att) if lora else 2 * 2 * fwd
-    return {"per_forward": fwd, "attention_share": round(f["attention_share"], 3), "video_tokens": f["video_tokens"],
+    return {"per_forward": fwd, "attention_per_forward": att, "video_tokens": f["video_tokens"],
             "per_pair": 2 * fwd + backward + 2 * fwd}
 
 
