@@ -111,7 +111,7 @@ def test_bad_t2v_models_name_the_problem(tuned_t2v, tmp_path):
 
     assert [m.name for m in parse_t2v_models((f"vdpo={tuned_t2v}",), "tiny-t2v", ["original"])] == ["", "vdpo"]
     for spec, match in ((f"original={tuned_t2v}", "used twice"), ("vdpo", "name=path"),
-                        (f"vdpo={tmp_path / 'missing'}", "neither a pipeline dir")):
+                        (f"vdpo={tmp_path / 'missing'}", "neither a diffusers pipeline dir")):
         with pytest.raises(ConfigError, match=match):
             parse_t2v_models((spec,), "tiny-t2v", ["original"])
     shutil.rmtree(tmp_path, ignore_errors=True)

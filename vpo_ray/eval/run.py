@@ -367,8 +367,7 @@ def resolve_models(cfg: EvalConfig) -> dict[str, str]:
     roles = ("optimizer", "judge", "t2v", "video_judge") if cfg.videos else ("optimizer", "judge")
     models = {r: model_path(get_spec(cfg.preset, r)) for r in roles}
     if cfg.videos and cfg.holdout_judge:  # a registry name or a model dir
-        held = os.path.expanduser(cfg.holdout_judge)
-        models["holdout_judge"] = held if os.path.isdir(held) else model_path(get_spec(cfg.holdout_judge, "video_judge"))
+        models["holdout_judge"] = model_path(cfg.holdout_judge)
     return models
 
 

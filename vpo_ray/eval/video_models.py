@@ -36,18 +36,18 @@ class T2VModel:
 
 
 def resolve_pipeline(path: str) -> str:
-    """A `vpo train video-dpo` out dir (its model/), a diffusers pipeline dir, or a registry name."""
-    local = os.path.expanduser(path)
-    if os.path.isfile(os.path.join(local, "model", "model_index.json")):
-        return os.path.join(os.path.abspath(local), "model")
-    if os.path.isfile(os.path.join(local, "model_index.json")):
-        return os.path.abspath(local)
+    """A diffusers pipeline dir or a `vpo train video-dpo` run folder (vpo_ray/runs.py), or a registry
+    text-to-video name; anything else is a ConfigError naming it."""
     from vpo_ray.models.registry import MODELS
+    from vpo_ray.runs import model_dir
 
     if path in MODELS and MODELS[path].role == "t2v":
         return path
-    raise ConfigError(f"t2v_models: {path!r} is neither a pipeline dir, a `vpo train video-dpo` out dir, "
-                      "nor a registry text-to-video name")
+    local = model_dir(path) if os.path.isdir(os.path.expanduser(path)) else None
+    if local is None or not os.path.isfile(os.path.join(local, "model_index.json")):
+        raise ConfigError(f"t2v_models: {path!r} is neither a diffusers pipeline dir, a `vpo train video-dpo` "
+                          "run folder, nor a registry text-to-video name")
+    return os.path.abspath(local)
 
 
 def parse_t2v_models(specs: tuple[str, ...], base: str, source_names: list[str]) -> list[T2VModel]:

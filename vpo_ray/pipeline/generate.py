@@ -124,7 +124,7 @@ def resolve_models(cfg: GenerateConfig) -> dict[str, str]:
     roles = {"optimizer": cfg.optimizer or model_path(get_spec(cfg.preset, "optimizer")),
              "judge": model_path(get_spec(cfg.preset, "judge"))}
     if cfg.kind == "dpo":
-        roles["t2v"] = cfg.t2v or model_path(get_spec(cfg.preset, "t2v"))  # the renderer loads a dir or a name
+        roles["t2v"] = model_path(cfg.t2v or get_spec(cfg.preset, "t2v"))  # cfg.t2v: a dir, run folder or name
         roles["video_judge"] = model_path(get_spec(cfg.preset, "video_judge"))
     return roles
 

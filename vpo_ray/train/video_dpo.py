@@ -88,24 +88,18 @@ def read_pairs(path: str, same_shape: bool = False) -> tuple[list[str], list[dic
 # ---------------------------------------------------------------------------- models
 
 def resolve_model(cfg: VideoDPOConfig) -> str:
-    """The base pipeline: cfg.model (arch:<name>, a pipeline dir, a `vpo train video-dpo` out dir, a
-    registry name) or the preset's text-to-video model."""
+    """The base pipeline: cfg.model (arch:<name>, a pipeline dir, a `vpo train video-dpo` run folder,
+    a registry name; run folders resolve as every job's do, vpo_ray/runs.py) or the preset's T2V model."""
     from vpo_ray.models.random_weights import RANDOM_PREFIX
     from vpo_ray.models.registry import get_spec, model_path
     from vpo_ray.pipeline.t2v import ARCH_PREFIX
 
     if cfg.weights == "random":  # the whole pipeline at real size, random weights (models/random_weights.py)
         return RANDOM_PREFIX + get_spec(cfg.model or cfg.preset, "t2v").name
-    if not cfg.model:
-        return model_path(get_spec(cfg.preset, "t2v"))
-    if cfg.model.startswith(ARCH_PREFIX):
+    if cfg.model and cfg.model.startswith(ARCH_PREFIX):
         return cfg.model
-    local = os.path.expanduser(cfg.model)
-    if os.path.isfile(os.path.join(local, "model", "model_index.json")):
-        return os.path.join(os.path.abspath(local), "model")
-    if os.path.isfile(os.path.join(local, "model_index.json")):
-        return os.path.abspath(local)
-    return model_path(get_spec(cfg.model, "t2v"))
+    path = model_path(cfg.model or get_spec(cfg.preset, "t2v"))
+    return os.path.abspath(path) if os.path.isdir(path) else path
 
 
 def build_trainer(cfg: VideoDPOConfig, model_path: str, rows: list[dict], job_id: str):
