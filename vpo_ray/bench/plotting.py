@@ -108,7 +108,7 @@ def plot_bars(title: str, groups: dict, ylabel: str, uri: str, note: Optional[st
         vals = [(g.get(s) or 0.0) for g in groups.values()]
         a.bar(xs, vals, width=width, label=s)
         for x, val in zip(xs, vals):
-            a.text(x, val, f"{val:.0f}", ha="center", va="bottom", fontsize=7)
+            a.text(x, val, f"{val:.3g}", ha="center", va="bottom", fontsize=7)
     a.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(groups))])
     a.set_xticklabels(list(groups), fontsize=8)
     a.set_ylabel(ylabel)

@@ -137,7 +137,6 @@ def run(cfg: BenchVideoDPOConfig) -> dict:
     import torch
 
     from vpo_ray import storage
-    from vpo_ray.bench.plotting import plot_bars
     from vpo_ray.ray_utils import init_ray
 
     device = common.resolve_device(None)
@@ -157,9 +156,20 @@ def run(cfg: BenchVideoDPOConfig) -> dict:
         for workers in counts:
             common.guarded(rec["runs"], f"{mode}-{workers}", lambda m=mode, w=workers: measure(m, w, cfg, device))
             common.write_record(cfg.out, stem, rec)  # a cut-off run keeps what it measured
-    groups = {k: {"pairs/s": r.get("pairs_per_s")} for k, r in rec["runs"].items() if "error" not in r}
-    png = storage.join(cfg.out, f"{stem}.png")
-    plot_bars(f"video Diffusion-DPO step, {cfg.preset} on {rec['device']['name']}", groups, "pairs / s", png)
-    rec["png"] = png
+    rec["png"] = storage.join(cfg.out, f"{stem}.png")
+    plot_record(rec, rec["png"])
     common.write_record(cfg.out, stem, rec)
     return rec
+
+
+def plot_record(rec: dict, png: str) -> None:
+    """Pairs/s in total and per GPU for each mode x worker count, MFU in the subtitle."""
+    from vpo_ray.bench.plotting import plot_bars
+
+    done = {k: r for k, r in rec["runs"].items() if "error" not in r}
+    groups = {k: {"pairs/s": r.get("pairs_per_s"), "pairs/s per GPU": r.get("pairs_per_s_per_gpu")}
+              for k, r in done.items()}
+    note = "MFU " + ", ".join(f"{k} {r['mfu']:.2f}" for k, r in done.items() if r.get("mfu") is not None)
+    plot_bars(f"video Diffusion-DPO step, {rec['preset']} on {rec['device']['name']}", groups, "pairs / s",
+              png, note=note)
+
