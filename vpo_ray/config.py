@@ -87,7 +87,8 @@ class PlacementConfig:
     mode: str = "auto"  # auto: pool sizes and GPU shares from the node's GPUs | manual: the *_stage values as given
     gpus: Optional[int] = None  # GPUs to plan for; None = what the cluster has, or can grow to (autoscaler)
     side_share: float = 0.25  # of each GPU, what the LLM/VLM actors get beside its text-to-video actor (< 0.5)
-    side_actors: int = 0  # actors per LLM/VLM pool (rewrite, judge, video judge); 0 = one per 4 GPUs
+    side_actors: int = 1  # actors per LLM/VLM pool (rewrite, judge, video judge); raise it only if they starve T2V
+    share_llm: bool = True  # one pool (one copy of the weights) rewrites and judges when both are the same model
     gpu_memory_gib: Optional[float] = None  # per GPU; None = read from a local GPU, else 80
     memory_headroom: float = 0.9  # plan pools into at most this share of a GPU's memory
     wait_for_resources_s: Optional[float] = None  # None: 1800 s if an autoscaler can grow the cluster, else fail at once
@@ -99,8 +100,8 @@ class PlacementConfig:
         if not 0.0 < self.side_share < 0.5:
             raise ConfigError(f"placement.side_share: expected 0 < side_share < 0.5 (two video actors must never "
                               f"fit on one GPU), got {self.side_share}")
-        if self.gpus is not None and self.gpus < 0 or self.side_actors < 0:
-            raise ConfigError("placement.gpus and placement.side_actors must be >= 0")
+        if self.gpus is not None and self.gpus < 0 or self.side_actors < 1:
+            raise ConfigError("placement.gpus must be >= 0 and placement.side_actors >= 1")
         if not 0.0 < self.memory_headroom <= 1.0 or self.wait_log_every_s <= 0:
             raise ConfigError("placement.memory_headroom must lie in (0, 1] and wait_log_every_s be > 0")
 
@@ -130,6 +131,8 @@ class VideoConfig:
     # Also save each video's denoised VAE latents beside its mp4 (<name>.latents.safetensors),
     # written in the render actor: what `vpo train video-dpo` reads (CogVideoX and Wan only).
     keep_latents: bool = False
+    optimizations: tuple[str, ...] = ()  # T2V speed flags (pipeline/t2v.py OPTIMIZATIONS), e.g. [attn=cudnn, compile, overlap]
+    warmup_steps: int = 0  # > 0: each T2V actor renders one throw-away clip of this many steps first (compile)
 
 
 @dataclass(frozen=True)

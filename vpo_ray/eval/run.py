@@ -220,23 +220,39 @@ def _query_rows(queries: list[dict], source: Source) -> list[dict]:
     return rows
 
 
+def pool_requests(sources: list[Source], cfg: EvalConfig, models: dict, t2v_models: list) -> list:
+    """The actor pools `vpo eval` asks placement for: a rewrite pool per LLM source, the judge, a T2V pool per
+    video model, the video judge (and the holdout judge)."""
+    from vpo_ray.pipeline import placement
+
+    def req(name: str, role: str, stage, model, concurrency: int = 1):
+        gib, tiled = placement.model_gib(model)
+        return placement.PoolRequest(name, role, stage, gib, tiled, concurrency)
+
+    out = [req(f"rewrite[{s.name}]", "optimizer", cfg.rewrite_stage, s.model) for s in sources if s.kind != "original"]
+    out.append(req("judge", "judge", cfg.judge_stage, models["judge"]) if cfg.judge_endpoint.base_url is None
+               else placement.PoolRequest("judge", "http", cfg.judge_stage))
+    if cfg.videos:
+        overlap = 2 if "overlap" in cfg.video.optimizations else 1
+        out += [req(video_models.pool_name(m), "t2v", cfg.t2v_stage, m.path, overlap) for m in t2v_models]
+        out.append(req("video_judge", "video_judge", cfg.video_judge_stage, models["video_judge"]))
+        if cfg.holdout_judge:
+            out.append(req("holdout_judge", "video_judge", cfg.video_judge_stage, models["holdout_judge"]))
+    return out
+
+
 def build_dataset(queries: list[dict], sources: list[Source], cfg: EvalConfig, models: dict,
                   t2v_models: Optional[list] = None):
-    import ray
     import ray.data
-    from vpo_ray.eval import video_models
-    from vpo_ray.pipeline.generate import _placement, fit_stages
+    from vpo_ray.pipeline import placement
     from vpo_ray.pipeline.video_judge import VideoJudge
 
     t2v_models = t2v_models or [video_models.T2VModel("", models.get("t2v", ""))]
-    llm_sources = [s for s in sources if s.kind != "original"]
-    stages = {f"rewrite[{s.name}]": cfg.rewrite_stage for s in llm_sources} | {"judge": cfg.judge_stage}
-    if cfg.videos:
-        stages.update({f"t2v[{m.name or 'preset'}]": cfg.t2v_stage for m in t2v_models},
-                      video_judge=cfg.video_judge_stage)
-        if cfg.holdout_judge:
-            stages["holdout_judge"] = cfg.video_judge_stage
-    scale = fit_stages(stages, ray.cluster_resources())  # every pool must start at once to pipeline
+    plan = placement.job_plan(pool_requests(sources, cfg, models, t2v_models), cfg.placement)  # all start at once
+
+    def pool(name: str) -> dict:
+        return placement.map_kwargs(plan.pools[name])
+
     n_blocks = max(1, min(len(queries), 64, len(queries) // max(1, cfg.rewrite_stage.batch_size)))
     parts = []
     for src in sources:
@@ -245,22 +261,21 @@ def build_dataset(queries: list[dict], sources: list[Source], cfg: EvalConfig, m
             cls = FewShotRewriter if src.kind == "few_shot" else Rewriter
             ds = ds.map_batches(cls, fn_constructor_kwargs=dict(
                 model=src.model, num_samples=1, sampling=to_dict(cfg.sampling), seed=cfg.seed),
-                **_placement(cfg.rewrite_stage, scale))
+                **pool(f"rewrite[{src.name}]"))
         parts.append(ds)
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     ds = ds.map_batches(TextJudge, fn_constructor_kwargs=dict(
         model=models["judge"], sampling=to_dict(cfg.judge_sampling), endpoint=to_dict(cfg.judge_endpoint),
-        seed=cfg.seed, question_reasoning=cfg.question_reasoning, refusal=cfg.refusal),
-        **_placement(cfg.judge_stage, scale))
+        seed=cfg.seed, question_reasoning=cfg.question_reasoning, refusal=cfg.refusal), **pool("judge"))
     if not cfg.videos:
         return ds
-    ds = video_models.render(ds, t2v_models, cfg, scale)  # every source x T2V model, same seeds
+    ds = video_models.render(ds, t2v_models, cfg, plan)  # every source x T2V model, same seeds
     judge_kwargs = dict(checklist=[to_dict(c) for c in cfg.checklist], num_frames=cfg.video.judge_frames)
     ds = ds.map_batches(VideoJudge, fn_constructor_kwargs=dict(model=models["video_judge"], **judge_kwargs),
-                        **_placement(cfg.video_judge_stage, scale))
+                        **pool("video_judge"))
     if cfg.holdout_judge:
         ds = ds.map_batches(video_models.SecondJudge, fn_constructor_kwargs=dict(
-            model=models["holdout_judge"], **judge_kwargs), **_placement(cfg.video_judge_stage, scale))
+            model=models["holdout_judge"], **judge_kwargs), **pool("holdout_judge"))
     return ds
 
 
@@ -361,11 +376,12 @@ def _metric_row(t: dict) -> dict:
 
 # ---------------------------------------------------------------------------- the job
 
-def resolve_models(cfg: EvalConfig) -> dict[str, str]:
-    from vpo_ray.models.registry import get_spec, model_path
+def resolve_models(cfg: EvalConfig) -> dict:
+    """Model references per role (weights=random: `RandomModel`s every actor builds at real size)."""
+    from vpo_ray.models.registry import model_path, model_ref
 
     roles = ("optimizer", "judge", "t2v", "video_judge") if cfg.videos else ("optimizer", "judge")
-    models = {r: model_path(get_spec(cfg.preset, r)) for r in roles}
+    models = {r: model_ref(cfg.preset, r, cfg.weights, cfg.random_outputs) for r in roles}
     if cfg.videos and cfg.holdout_judge:  # a registry name or a model dir
         models["holdout_judge"] = model_path(cfg.holdout_judge)
     return models
@@ -425,15 +441,16 @@ def run_eval(cfg: EvalConfig) -> dict:
         "queries": set_name,
         "n_queries": len(queries),
         "dropped_queries": len(dropped),
-        "sources": {s.name: {"kind": s.kind, "model": s.model} for s in sources},
+        "sources": {s.name: {"kind": s.kind, "model": None if s.model is None else str(s.model)} for s in sources},
         "preset": cfg.preset,
-        "judge": cfg.judge_endpoint.base_url or models["judge"],
-        "models": models,
+        "weights": cfg.weights,  # random: real architectures, random weights; lengths and verdicts as drawn
+        "judge": cfg.judge_endpoint.base_url or str(models["judge"]),
+        "models": {role: str(m) for role, m in models.items()},
         "bootstrap": cfg.bootstrap, "ci": cfg.ci, "seed": cfg.seed, "refusal": cfg.refusal,
         "seeds_per_prompt": cfg.video.seeds_per_prompt if cfg.videos else 0,
         "checklist": [to_dict(c) for c in cfg.checklist],
         "metrics": compute_metrics(names, texts, videos, cfg),
-        "t2v_models": {m.name or "preset": m.path for m in t2v_models},
+        "t2v_models": {m.name or "preset": str(m.path) for m in t2v_models},
         "holdout_judge": models.get("holdout_judge"),
         "errors": len(errors),
         "pipeline_seconds": round(pipeline_s, 3),

@@ -78,20 +78,31 @@ def explode_for_model(row: dict, seeds_per_prompt: int, seed: int, salt: str, su
     return rows
 
 
-def render(ds, models: list[T2VModel], cfg, scale: float):
-    """Every judged prompt x seed rendered by every model: one T2V pool per model, unioned."""
+def pool_name(model: T2VModel) -> str:
+    """The placement pool of a video model (vpo_ray/pipeline/placement.py)."""
+    return f"t2v[{model.name or 'preset'}]"
+
+
+def render(ds, models: list[T2VModel], cfg, plan):
+    """Every judged prompt x seed rendered by every model: one T2V pool per model (sized by `plan`), unioned."""
     from vpo_ray import storage
     from vpo_ray.eval.run import TASK_CPUS
-    from vpo_ray.pipeline.generate import RenderStage, _placement
+    from vpo_ray.pipeline import placement
+    from vpo_ray.pipeline.flow import RenderStage
 
     v = cfg.video  # what a rendered clip depends on (not judge_frames or the number of seeds)
+    flags = tuple(dict.fromkeys(tuple(v.optimizations) + plan.t2v_flags))
     parts = []
     for m in models:
-        salt = json.dumps([m.path, v.num_frames, v.height, v.width, v.num_inference_steps, v.guidance_scale, v.fps])
+        pool = plan.pools[pool_name(m)]
+        salt = json.dumps([str(m.path), v.num_frames, v.height, v.width, v.num_inference_steps, v.guidance_scale,
+                           v.fps])
         part = ds.flat_map(explode_for_model, num_cpus=TASK_CPUS, fn_kwargs=dict(
             seeds_per_prompt=v.seeds_per_prompt, seed=cfg.seed, salt=salt, suffix=m.name))
+        part = part.repartition(target_num_rows_per_block=pool.batch_size)  # spread prompts over the GPUs
         parts.append(part.map_batches(RenderStage, fn_constructor_kwargs=dict(
-            model=m.path, video=v, out_root=storage.join(cfg.out, "render")), **_placement(cfg.t2v_stage, scale)))
+            model=m.path, video=v, out_root=storage.join(cfg.out, "render"), optimizations=flags,
+            warmup_steps=v.warmup_steps), **placement.map_kwargs(pool)))
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 

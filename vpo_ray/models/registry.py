@@ -72,22 +72,28 @@ def _t2v(num_frames: int, height: int, width: int, steps: int, cfg: float, fps: 
 _LTX_NEGATIVE = "worst quality, inconsistent motion, blurry, jittery, distorted"
 # qwen-vl-utils caps video frames at 768*28*28 pixels; 360*420 keeps 8 sampled frames
 # under ~800 visual tokens, enough for checklist questions.
-_VIDEO_JUDGE_PIXELS = (("min_pixels", 56 * 56), ("max_pixels", 360 * 420))
+_VIDEO_JUDGE_PIXELS = (("min_pixels", 56 * 56), ("max_pixels", 360 * 420), ("gpu_gib", 18.0))
+# gpu_gib (GiB, what placement plans with; docs/PLACEMENT.md): LLM/VLM = bf16 weights (8.0B / 7.6B /
+# 8.3B params) + ~3-4 GiB of KV cache and activations for a batch of 32 rows. T2V = the peak
+# allocated by one video in benchmarks/README.md (untiled VAE decode; gpu_gib_tiled: tiled)
+# + the T5/UMT5 text encoder's bf16 weights (8.9 / 12.5 GiB), which the pipeline keeps resident.
 
 MODELS: dict[str, ModelSpec] = {s.name: s for s in (
     # LLMs: the optimizer (rewrites queries) and the judge (critique + refine)
     ModelSpec("llama3-8b-instruct", "optimizer", "meta-llama/Meta-Llama-3-8B-Instruct",
-              "transformers.AutoModelForCausalLM"),
-    ModelSpec("qwen2.5-7b-instruct", "optimizer", "Qwen/Qwen2.5-7B-Instruct", "transformers.AutoModelForCausalLM"),
+              "transformers.AutoModelForCausalLM", kwargs=(("gpu_gib", 19.0),)),
+    ModelSpec("qwen2.5-7b-instruct", "optimizer", "Qwen/Qwen2.5-7B-Instruct", "transformers.AutoModelForCausalLM",
+              kwargs=(("gpu_gib", 18.0),)),
     # Text-to-video pipelines; defaults are each model card's recommended settings.
     ModelSpec("cogvideox-2b", "t2v", "THUDM/CogVideoX-2b", "diffusers.CogVideoXPipeline", dtype="float16",
-              kwargs=_t2v(49, 480, 720, 50, 6.0, 8)),  # the 2B card recommends fp16
+              kwargs=_t2v(49, 480, 720, 50, 6.0, 8, gpu_gib=28.0, gpu_gib_tiled=16.5)),  # the 2B card says fp16
     ModelSpec("cogvideox-5b", "t2v", "THUDM/CogVideoX-5b", "diffusers.CogVideoXPipeline",
-              kwargs=_t2v(49, 480, 720, 50, 6.0, 8)),
+              kwargs=_t2v(49, 480, 720, 50, 6.0, 8, gpu_gib=37.0, gpu_gib_tiled=30.0)),
     ModelSpec("wan2.1-t2v-1.3b", "t2v", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "diffusers.WanPipeline",
-              kwargs=_t2v(81, 480, 832, 50, 5.0, 16, vae_dtype="float32")),  # the card keeps the VAE in fp32
+              kwargs=_t2v(81, 480, 832, 50, 5.0, 16, vae_dtype="float32", gpu_gib=25.0, gpu_gib_tiled=18.0)),
     ModelSpec("ltx-video", "t2v", "Lightricks/LTX-Video", "diffusers.LTXPipeline",
-              kwargs=_t2v(121, 512, 768, 50, 3.0, 24, negative_prompt=_LTX_NEGATIVE)),  # 8k+1 frames, /32 sizes
+              kwargs=_t2v(121, 512, 768, 50, 3.0, 24, negative_prompt=_LTX_NEGATIVE, gpu_gib=19.5,
+                          gpu_gib_tiled=16.5)),  # 8k+1 frames, /32 sizes
     # VLM video judges (checklist questions answered Yes/No)
     ModelSpec("qwen2-vl-7b-instruct", "video_judge", "Qwen/Qwen2-VL-7B-Instruct",
               "transformers.Qwen2VLForConditionalGeneration", kwargs=_VIDEO_JUDGE_PIXELS),

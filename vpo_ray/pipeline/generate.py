@@ -23,9 +23,10 @@ from typing import Any, Iterable, Optional
 import numpy as np
 
 from vpo_ray import prompts, storage
+from vpo_ray.config import GenerateConfig, check_weights, load_config, to_dict
 from vpo_ray.pipeline import video_dpo_set
-from vpo_ray.config import GenerateConfig, load_config, to_dict
-from vpo_ray.schema import Flags, dpo_row, error_row, sft_row
+from vpo_ray.pipeline.flow import RenderStage, build_dataset, explode_for_render, resolve_models  # noqa: F401
+from vpo_ray.schema import dpo_row, error_row, sft_row
 
 log = logging.getLogger("vpo.generate")
 
@@ -33,39 +34,6 @@ FLUSH_EVERY_S = float(os.environ.get("VPO_PART_FLUSH_S", "5"))  # a crash loses 
 
 
 # ---------------------------------------------------------------------------- small helpers
-
-def _placement(stage, cpu_scale: float = 1.0) -> dict:
-    import ray.data
-
-    pinned = {"accelerator_type": stage.accelerator_type} if stage.accelerator_type else {}
-    return dict(compute=ray.data.ActorPoolStrategy(min_size=stage.min_actors, max_size=stage.max_actors),
-                num_gpus=stage.num_gpus or None, num_cpus=stage.num_cpus * cpu_scale, batch_size=stage.batch_size,
-                **pinned)
-
-
-def fit_stages(stages: dict, cluster: dict) -> float:
-    """The factor applied to every stage's CPU request so all pools fit at once.
-
-    Ray Data pipelines only when every actor pool's minimum can be placed together; a
-    pool that cannot start waits forever for CPUs the others hold. GPUs are not
-    scaled: too few of them is a configuration error naming the stages.
-    """
-    need_gpu = sum(s.num_gpus * s.min_actors for s in stages.values())
-    have_gpu = cluster.get("GPU", 0.0)
-    if need_gpu > have_gpu + 1e-9:
-        detail = ", ".join(f"{k}_stage: {s.min_actors} x {s.num_gpus:g}" for k, s in stages.items() if s.num_gpus)
-        from vpo_ray.config import ConfigError
-        raise ConfigError(f"the stages' actor pools need {need_gpu:g} GPUs at once ({detail}) but the cluster has "
-                          f"{have_gpu:g}: lower <stage>_stage.num_gpus (fractions share a GPU) or min_actors")
-    need_cpu = sum(s.num_cpus * s.min_actors for s in stages.values())
-    have_cpu = cluster.get("CPU", 0.0)
-    if need_cpu <= have_cpu or need_cpu == 0:
-        return 1.0
-    scale = have_cpu / need_cpu * 0.9  # leave room for the task-pool stages and the driver's reads
-    log.warning("stage actor pools ask for %.1f CPUs at once, the cluster has %.1f: scaling CPU requests by %.2f "
-                "so that all stages run together", need_cpu, have_cpu, scale)
-    return scale
-
 
 def check_config(cfg: GenerateConfig) -> None:
     """Refuse settings the pipeline cannot run with, naming the key, before any work starts."""
@@ -76,6 +44,7 @@ def check_config(cfg: GenerateConfig) -> None:
             raise ConfigError(f"{key}: {rule}, got {_get(cfg, key)!r}")
 
     need(cfg.kind in ("sft", "dpo"), "kind", "expected 'sft' or 'dpo'")
+    check_weights(cfg.weights)
     need(cfg.output_format in ("parquet", "jsonl"), "output_format", "expected parquet or jsonl")
     need(cfg.num_samples >= 1, "num_samples", "must be >= 1")
     need(cfg.limit is None or cfg.limit >= 0, "limit", "must be >= 0 (or null for all)")
@@ -96,6 +65,12 @@ def check_config(cfg: GenerateConfig) -> None:
         need(st.num_gpus >= 0, f"{name}.num_gpus", "must be >= 0")
     for key in ("num_frames", "height", "width", "num_inference_steps", "fps", "seeds_per_prompt", "judge_frames"):
         need(getattr(cfg.video, key) >= 1, f"video.{key}", "must be >= 1")
+    need(cfg.video.warmup_steps >= 0, "video.warmup_steps", "must be >= 0")
+    from vpo_ray.pipeline.t2v import parse_optimizations
+    try:
+        parse_optimizations(cfg.video.optimizations)
+    except ValueError as e:
+        raise ConfigError(f"video.{e}") from None
     ep = cfg.judge_endpoint
     if ep.base_url is not None:
         need(ep.base_url.startswith(("http://", "https://")), "judge_endpoint.base_url", "expected an http(s) URL")
@@ -109,24 +84,6 @@ def _get(cfg, dotted: str):
     for part in dotted.split("."):
         cfg = getattr(cfg, part)
     return cfg
-
-
-def resolve_models(cfg: GenerateConfig) -> dict[str, str]:
-    """Model paths per role, resolved on the driver (the tiny preset builds here, once).
-
-    A given optimizer is checked here (its config only): a wrong path or an id that is not
-    cached offline fails now with ModelLoadError naming it, not later in every actor.
-    """
-    from vpo_ray.models.registry import check_config as check_model, get_spec, model_path
-
-    if cfg.optimizer:
-        check_model(cfg.optimizer)
-    roles = {"optimizer": cfg.optimizer or model_path(get_spec(cfg.preset, "optimizer")),
-             "judge": model_path(get_spec(cfg.preset, "judge"))}
-    if cfg.kind == "dpo":
-        roles["t2v"] = model_path(cfg.t2v or get_spec(cfg.preset, "t2v"))  # cfg.t2v: a dir, run folder or name
-        roles["video_judge"] = model_path(get_spec(cfg.preset, "video_judge"))
-    return roles
 
 
 def _completed(out: str) -> dict[str, dict]:
@@ -208,86 +165,6 @@ def finalise_dpo(q: dict, cands: list[dict], videos: list[dict], cfg: GenerateCo
     return {"query_id": qid, "rows": rows, "how": rows[0]["source"]}
 
 
-# ---------------------------------------------------------------------------- the Ray Data flow
-
-def explode_for_render(row: dict, seeds_per_prompt: int, seed: int, model: str) -> list[dict]:
-    """One row per (passing prompt, seed); a query with none keeps one marker row."""
-    base = {k: row[k] for k in ("query_id", "text", "flags_json", "candidates_json", "error", "error_stage")}
-    if row["error"]:
-        return [dict(base, n_rows=1, sample_idx=-1, prompt="", seed=0, negative_prompt="", aspect_ratio="")]
-    flags = Flags.from_json(row["flags_json"])
-    cands = json.loads(row["candidates_json"])
-    passing = [c for c in cands if c.get("judge") and c["judge"]["verdict"] and c["prompt"]]
-    jobs = []
-    for c in passing:
-        for s in range(seeds_per_prompt):
-            # The user's -seed flag fixes the first seed, as a T2V service would.
-            video_seed = (flags.seed + s) if flags.seed is not None else (seed * 1000 + s)
-            jobs.append(dict(base, sample_idx=c["sample_idx"], prompt=c["prompt"], seed=int(video_seed),
-                             negative_prompt=flags.negative_prompt or "", aspect_ratio=flags.aspect_ratio or ""))
-    if not jobs:
-        return [dict(base, n_rows=1, sample_idx=-1, prompt="", seed=0, negative_prompt="", aspect_ratio="")]
-    return [dict(j, n_rows=len(jobs)) for j in jobs]
-
-
-class RenderStage:
-    """Wraps the T2V renderer: renders rows that carry a prompt, passes the rest through."""
-
-    def __init__(self, **kwargs):
-        from vpo_ray.pipeline.t2v import T2VRenderer
-
-        self.inner = T2VRenderer(**kwargs)
-
-    def __call__(self, batch: dict) -> dict:
-        n = len(batch["query_id"])
-        todo = [i for i in range(n) if not batch["error"][i] and batch["prompt"][i]]
-        out = {k: list(v) for k, v in batch.items()}
-        for col in ("video_uri", "model", "frames", "fps"):
-            out.setdefault(col, [""] * n if col in ("video_uri", "model") else [0] * n)
-        if todo:
-            sub = {k: np.asarray([batch[k][i] for i in todo], dtype=object if batch[k].dtype == object else None)
-                   for k in ("query_id", "sample_idx", "prompt", "negative_prompt", "seed", "aspect_ratio")}
-            res = self.inner(sub)
-            for pos, i in enumerate(todo):
-                for col in ("video_uri", "model", "frames", "fps"):
-                    out[col][i] = res[col][pos]
-                if res["error"][pos]:  # marks the video, not the query, as failed
-                    out["video_error"] = out.get("video_error", [""] * n)
-                    out["video_error"][i] = f"render: {res['error'][pos]}"
-        out.setdefault("video_error", [""] * n)
-        return {k: np.asarray(v, dtype=object) if k in ("video_uri", "model", "video_error") else np.asarray(v)
-                for k, v in out.items()}
-
-
-def build_dataset(rows: list[dict], cfg: GenerateConfig, models: dict[str, str]):
-    import ray.data
-    from vpo_ray.pipeline.llm import Critic, Rewriter
-    from vpo_ray.pipeline.video_judge import VideoJudge
-
-    stages = {"rewrite": cfg.rewrite_stage, "judge": cfg.judge_stage}
-    if cfg.kind == "dpo":
-        stages.update(t2v=cfg.t2v_stage, video_judge=cfg.video_judge_stage)
-    scale = fit_stages(stages, ray.cluster_resources())
-    n_blocks = max(1, min(len(rows), 64, len(rows) // max(1, cfg.rewrite_stage.batch_size)))
-    ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
-    ds = ds.map_batches(Rewriter, fn_constructor_kwargs=dict(
-        model=models["optimizer"], num_samples=cfg.num_samples, sampling=to_dict(cfg.sampling), seed=cfg.seed),
-        **_placement(cfg.rewrite_stage, scale))
-    ds = ds.map_batches(Critic, fn_constructor_kwargs=dict(
-        model=models["judge"], sampling=to_dict(cfg.judge_sampling), endpoint=to_dict(cfg.judge_endpoint),
-        refine=cfg.refine, seed=cfg.seed), **_placement(cfg.judge_stage, scale))
-    if cfg.kind == "sft":
-        return ds
-    ds = ds.flat_map(explode_for_render, num_cpus=0.1, fn_kwargs=dict(  # cheap: never starves the pools
-        seeds_per_prompt=cfg.video.seeds_per_prompt, seed=cfg.seed, model=models["t2v"]))
-    ds = ds.map_batches(RenderStage, fn_constructor_kwargs=dict(
-        model=models["t2v"], video=cfg.video, out_root=cfg.out), **_placement(cfg.t2v_stage, scale))
-    ds = ds.map_batches(VideoJudge, fn_constructor_kwargs=dict(
-        model=models["video_judge"], checklist=[to_dict(c) for c in cfg.checklist],
-        num_frames=cfg.video.judge_frames), **_placement(cfg.video_judge_stage, scale))
-    return ds
-
-
 # ---------------------------------------------------------------------------- the job
 
 def _record_from_rows(qrows: list[dict], qinfo: dict, cfg: GenerateConfig) -> dict:
@@ -362,8 +239,8 @@ def _write_set(out: str, name: str, rows: list[dict], fmt: str) -> str:
     return uri
 
 
-def run_generate(cfg: GenerateConfig) -> dict:
-    """Run the whole job; returns (and writes) the summary."""
+def run_generate(cfg: GenerateConfig, wrap=None) -> dict:
+    """Run the whole job; returns (and writes) the summary. `wrap(cls, pool)`: see flow.Wrap (benchmarks)."""
     from vpo_ray.data.ingest import ingest
 
     check_config(cfg)
@@ -394,7 +271,9 @@ def run_generate(cfg: GenerateConfig) -> dict:
         init_ray(cfg.ray)
         rows = [dict(q, error="", error_stage="") for q in todo]
         writer = _PartWriter(out)
-        stream = stream_and_finalise(build_dataset(rows, cfg, models), {q["query_id"]: q for q in todo}, cfg, writer)
+        ds, plan = build_dataset(rows, cfg, models, wrap=wrap)
+        stream = stream_and_finalise(ds, {q["query_id"]: q for q in todo}, cfg, writer)
+        stream["placement"] = plan.to_dict()
         done = _completed(out)
 
     return _consolidate(cfg, ing, done, queries, ingest_s, stream, time.monotonic() - t_start)
@@ -424,6 +303,7 @@ def _consolidate(cfg, ing, done: dict, queries: dict, ingest_s: float, stream: d
     rendered = [v for v in videos if v.get("video_uri") and not v.get("error")]
     summary = {
         "kind": cfg.kind,
+        "weights": cfg.weights,  # random: real architectures, random weights; lengths and verdicts as drawn
         "input_queries": n_in,
         "output_rows": len(rows),
         "output_queries": n_ok,
@@ -445,6 +325,7 @@ def _consolidate(cfg, ing, done: dict, queries: dict, ingest_s: float, stream: d
         },
         "errors_by_reason": dict(by_reason.most_common()),
         "pipeline_seconds": round(stream["seconds"], 3),
+        "placement": stream.get("placement"),
         "wall_seconds": round(wall_s, 3),
         "output": set_uri,
     }

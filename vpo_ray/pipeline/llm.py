@@ -136,6 +136,17 @@ class LLMEngine:
         return (p_yes / (p_yes + p_no).clamp_min(1e-12)).cpu().numpy()
 
 
+_ENGINES: dict = {}
+
+
+def shared_engine(model: Any, device: Optional[str] = None) -> LLMEngine:
+    """The process's LLMEngine for (model, device): stages in one actor that use one model share its weights."""
+    key = (model, device)
+    if key not in _ENGINES:
+        _ENGINES[key] = LLMEngine(model, device=device)
+    return _ENGINES[key]
+
+
 def row_length_limit(limits: Sequence[int], prompt_len: int, eos_token_id):
     """A logits processor that ends row i (forces EOS) once it has generated limits[i] tokens."""
     import torch
@@ -187,7 +198,7 @@ class Rewriter:
     """Ray Data stage: each query row gains `candidates_json` = K optimizer rewrites."""
 
     def __init__(self, model: str, num_samples: int, sampling: dict, seed: int = 0, device: Optional[str] = None):
-        self.engine = LLMEngine(model, device=device)
+        self.engine = shared_engine(model, device)
         self.k = num_samples
         self.sampling = SamplingConfig(**sampling)
         self.seed = seed
@@ -231,7 +242,7 @@ class LocalJudge:
     """Judge back-end on a local model: reasoning, then forced Yes/No; refine by prefill."""
 
     def __init__(self, model: str, sampling: SamplingConfig, seed: int, device: Optional[str] = None):
-        self.engine = LLMEngine(model, device=device)
+        self.engine = shared_engine(model, device)
         self.sampling = sampling
         self.seed = seed
 

@@ -1,0 +1,174 @@
+"""The Ray Data flow of `vpo generate`: stages, their pools (placement.py) and how rows move between them.
+
+    rows -> rewrite (optimizer pool) -> critique+refine (judge pool)          [sft ends here]
+         -> explode: one row per (passing prompt, seed), one row per block
+         -> render (T2V pool, one actor per GPU) -> video judge pool
+
+When optimizer and judge are one model (the paper preset), one pool does rewrite and
+critique with one copy of the weights (`RewriteAndJudge`). Before rendering the rows are
+cut into one-row blocks: Ray Data hands an actor a whole block (it merges small blocks up
+to batch_size but never splits a big one), so a 32-prompt block from one judge batch
+would otherwise render on one GPU while the others wait.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from vpo_ray.config import GenerateConfig, to_dict
+from vpo_ray.pipeline import placement
+from vpo_ray.schema import Flags
+
+# (stage class, pool name) -> the class to map with; the pipeline benchmark times calls this way.
+Wrap = Callable[[type, str], type]
+
+
+def explode_for_render(row: dict, seeds_per_prompt: int, seed: int, model: str) -> list[dict]:
+    """One row per (passing prompt, seed); a query with none keeps one marker row."""
+    base = {k: row[k] for k in ("query_id", "text", "flags_json", "candidates_json", "error", "error_stage")}
+    if row["error"]:
+        return [dict(base, n_rows=1, sample_idx=-1, prompt="", seed=0, negative_prompt="", aspect_ratio="")]
+    flags = Flags.from_json(row["flags_json"])
+    cands = json.loads(row["candidates_json"])
+    passing = [c for c in cands if c.get("judge") and c["judge"]["verdict"] and c["prompt"]]
+    jobs = []
+    for c in passing:
+        for s in range(seeds_per_prompt):
+            # The user's -seed flag fixes the first seed, as a T2V service would.
+            video_seed = (flags.seed + s) if flags.seed is not None else (seed * 1000 + s)
+            jobs.append(dict(base, sample_idx=c["sample_idx"], prompt=c["prompt"], seed=int(video_seed),
+                             negative_prompt=flags.negative_prompt or "", aspect_ratio=flags.aspect_ratio or ""))
+    if not jobs:
+        return [dict(base, n_rows=1, sample_idx=-1, prompt="", seed=0, negative_prompt="", aspect_ratio="")]
+    return [dict(j, n_rows=len(jobs)) for j in jobs]
+
+
+class RenderStage:
+    """Wraps the T2V renderer: renders rows that carry a prompt, passes the rest through."""
+
+    def __init__(self, **kwargs):
+        from vpo_ray.pipeline.t2v import T2VRenderer
+
+        self.inner = T2VRenderer(**kwargs)
+
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["query_id"])
+        todo = [i for i in range(n) if not batch["error"][i] and batch["prompt"][i]]
+        out = {k: list(v) for k, v in batch.items()}
+        for col in ("video_uri", "model", "frames", "fps"):
+            out.setdefault(col, [""] * n if col in ("video_uri", "model") else [0] * n)
+        if todo:
+            sub = {k: np.asarray([batch[k][i] for i in todo], dtype=object if batch[k].dtype == object else None)
+                   for k in ("query_id", "sample_idx", "prompt", "negative_prompt", "seed", "aspect_ratio")}
+            res = self.inner(sub)
+            for pos, i in enumerate(todo):
+                for col in ("video_uri", "model", "frames", "fps"):
+                    out[col][i] = res[col][pos]
+                if res["error"][pos]:  # marks the video, not the query, as failed
+                    out["video_error"] = out.get("video_error", [""] * n)
+                    out["video_error"][i] = f"render: {res['error'][pos]}"
+        out.setdefault("video_error", [""] * n)
+        return {k: np.asarray(v, dtype=object) if k in ("video_uri", "model", "video_error") else np.asarray(v)
+                for k, v in out.items()}
+
+
+class RewriteAndJudge:
+    """Rewrite, then critique and refine, in one actor: one copy of the LLM when optimizer and judge are one model."""
+
+    def __init__(self, rewrite: dict, judge: dict):
+        from vpo_ray.pipeline.llm import Critic, Rewriter
+
+        self.rewriter = Rewriter(**rewrite)
+        self.critic = Critic(**judge)  # same (model, device): llm.shared_engine hands back the rewriter's engine
+
+    def __call__(self, batch: dict) -> dict:
+        return self.critic(self.rewriter(batch))
+
+
+# ---------------------------------------------------------------------------- pools
+
+def shares_llm(cfg: GenerateConfig, models: dict) -> bool:
+    return cfg.placement.share_llm and cfg.judge_endpoint.base_url is None and models["optimizer"] == models["judge"]
+
+
+def pool_requests(cfg: GenerateConfig, models: dict) -> list[placement.PoolRequest]:
+    """The actor pools this job asks placement for, in flow order."""
+    def req(name: str, role: str, stage, model, concurrency: int = 1) -> placement.PoolRequest:
+        gib, tiled = placement.model_gib(model)
+        return placement.PoolRequest(name, role, stage, gib, tiled, concurrency)
+
+    if shares_llm(cfg, models):
+        out = [req("llm", "optimizer", cfg.rewrite_stage, models["optimizer"])]
+    else:
+        out = [req("rewrite", "optimizer", cfg.rewrite_stage, models["optimizer"])]
+        if cfg.judge_endpoint.base_url is None:
+            out.append(req("judge", "judge", cfg.judge_stage, models["judge"]))
+        else:  # an HTTP judge holds no model: a CPU pool
+            out.append(placement.PoolRequest("judge", "http", cfg.judge_stage))
+    if cfg.kind == "dpo":
+        overlap = 2 if "overlap" in cfg.video.optimizations else 1
+        out.append(req("t2v", "t2v", cfg.t2v_stage, models["t2v"], concurrency=overlap))
+        out.append(req("video_judge", "video_judge", cfg.video_judge_stage, models["video_judge"]))
+    return out
+
+
+def build_dataset(rows: list[dict], cfg: GenerateConfig, models: dict, wrap: Optional[Wrap] = None,
+                  plan: Optional[placement.Plan] = None):
+    """(dataset, placement plan) of the whole flow over `rows` (query records with error/error_stage)."""
+    import ray.data
+
+    from vpo_ray.pipeline.llm import Critic, Rewriter
+    from vpo_ray.pipeline.video_judge import VideoJudge
+
+    plan = plan or placement.job_plan(pool_requests(cfg, models), cfg.placement)
+    wrap = wrap or (lambda cls, name: cls)
+
+    def stage(ds, cls, name: str, **kwargs):
+        return ds.map_batches(wrap(cls, name), fn_constructor_kwargs=kwargs, **placement.map_kwargs(plan.pools[name]))
+
+    rewrite = dict(model=models["optimizer"], num_samples=cfg.num_samples, sampling=to_dict(cfg.sampling),
+                   seed=cfg.seed)
+    judge = dict(model=models["judge"], sampling=to_dict(cfg.judge_sampling), endpoint=to_dict(cfg.judge_endpoint),
+                 refine=cfg.refine, seed=cfg.seed)
+    batch = plan.pools["llm" if "llm" in plan.pools else "rewrite"].batch_size
+    n_blocks = max(1, min(len(rows), 64, len(rows) // max(1, batch)))
+    ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
+    if "llm" in plan.pools:
+        ds = stage(ds, RewriteAndJudge, "llm", rewrite=rewrite, judge=judge)
+    else:
+        ds = stage(ds, Rewriter, "rewrite", **rewrite)
+        ds = stage(ds, Critic, "judge", **judge)
+    if cfg.kind == "sft":
+        return ds, plan
+    ds = ds.flat_map(explode_for_render, num_cpus=0.1, fn_kwargs=dict(  # cheap: never starves the pools
+        seeds_per_prompt=cfg.video.seeds_per_prompt, seed=cfg.seed, model=str(models["t2v"])))
+    ds = ds.repartition(target_num_rows_per_block=plan.pools["t2v"].batch_size)  # spread prompts over the GPUs
+    flags = tuple(dict.fromkeys(tuple(cfg.video.optimizations) + plan.t2v_flags))
+    ds = stage(ds, RenderStage, "t2v", model=models["t2v"], video=cfg.video, out_root=cfg.out,
+               optimizations=flags, warmup_steps=cfg.video.warmup_steps)
+    ds = stage(ds, VideoJudge, "video_judge", model=models["video_judge"],
+               checklist=[to_dict(c) for c in cfg.checklist], num_frames=cfg.video.judge_frames)
+    return ds, plan
+
+
+def resolve_models(cfg: GenerateConfig) -> dict[str, Any]:
+    """Model references per role, resolved on the driver (the tiny preset builds here, once).
+
+    weights=random gives `RandomModel`s that every actor builds at real size. A given
+    optimizer is checked here (its config only): a wrong path or an id that is not cached
+    offline fails now with ModelLoadError naming it, not later in every actor.
+    """
+    from vpo_ray.models.registry import check_config as check_model, model_ref
+
+    def ref(role: str):
+        return model_ref(cfg.preset, role, cfg.weights, cfg.random_outputs)
+
+    if cfg.optimizer:
+        check_model(cfg.optimizer)
+    roles = {"optimizer": cfg.optimizer or ref("optimizer"), "judge": ref("judge")}
+    if cfg.kind == "dpo":
+        roles["t2v"] = ref("t2v")
+        roles["video_judge"] = ref("video_judge")
+    return roles
