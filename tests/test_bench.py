@@ -71,7 +71,8 @@ def test_video_sampling_scaling_tiny(ray_session, tiny_cache, tmp_path, capsys):
     for c, n in (("1", 2), ("2", 4)):
         r = sc["runs"][c]
         assert r["errors"] == [] and r["rows"] == n and r["stage"]["actors"] == int(c)
-        assert sum(r["videos_by_actor"]) == n and r["videos_per_s"] > 0
+        assert r["videos_by_actor"] == [2] * int(c), "every actor renders its share"
+        assert r["videos_per_s"] > 0
     assert sc["efficiency_vs_linear"]["1"] == 1.0 and sc["efficiency_vs_linear"]["2"] > 0
     assert rec["summary"]["scaling[2 actors]_efficiency"] == sc["efficiency_vs_linear"]["2"]
     _png_ok(sc["png"])

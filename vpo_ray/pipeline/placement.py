@@ -217,6 +217,18 @@ def map_kwargs(pool: Pool) -> dict:
                 **pinned)
 
 
+def start_together(ds, timeout_s: float):
+    """Every actor pool of `ds` waits (up to `timeout_s`) for all its actors before it takes a row.
+
+    Ray Data's `wait_for_min_actors_s`: without it the actors that finish loading first take
+    the queued rows and slow starters (model load, compile) get few or none, so a short,
+    finite run (a benchmark) measures fewer GPUs than it holds. Pools then start one after
+    another (Ray Data starts operators in order), so the long-running jobs leave it off.
+    """
+    ds.context.wait_for_min_actors_s = int(math.ceil(timeout_s))
+    return ds
+
+
 # ---------------------------------------------------------------------------- the cluster
 
 @dataclass(frozen=True)

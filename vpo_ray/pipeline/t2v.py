@@ -566,15 +566,15 @@ def stage(ds, cfg_stage: StageConfig, *, model: str, video: VideoConfig, out_roo
 
     With "overlap" each actor takes two calls at once: one denoises while the other decodes
     and encodes, so the GPU keeps working between videos (the two share one model copy).
+    An actor is sent no more rows than it runs at once (placement.map_kwargs), so rows wait
+    in the operator's queue for whichever GPU frees up instead of queueing behind one.
     """
-    from ray.data import ActorPoolStrategy
+    from vpo_ray.pipeline import placement
 
     parse_optimizations(optimizations)  # fail in the driver, not in every actor
-    concurrency = {}
-    if "overlap" in optimizations:
-        concurrency = dict(max_concurrent_calls_per_actor=2, enable_true_multi_threading=True)
-    compute = ActorPoolStrategy(min_size=cfg_stage.min_actors, max_size=cfg_stage.max_actors, **concurrency)
+    pool = placement.Pool("t2v", cfg_stage.min_actors, cfg_stage.max_actors, cfg_stage.num_gpus, cfg_stage.num_cpus,
+                          cfg_stage.batch_size, concurrency=2 if "overlap" in optimizations else 1)
     kwargs = dict(model=model, video=video, out_root=out_root, device=device, dtype=dtype,
                   optimizations=tuple(optimizations), warmup_steps=warmup_steps, timings=timings)
-    return ds.map_batches(T2VRenderer, fn_constructor_kwargs=kwargs, compute=compute, batch_size=cfg_stage.batch_size,
-                          num_gpus=cfg_stage.num_gpus, num_cpus=cfg_stage.num_cpus, batch_format="numpy")
+    return ds.map_batches(T2VRenderer, fn_constructor_kwargs=kwargs, batch_format="numpy",
+                          **placement.map_kwargs(pool))
