@@ -189,3 +189,23 @@ def test_gpu_sampler_without_any_gpu_tool(monkeypatch, tmp_path):
     with GpuSampler() as s:
         pass
     assert s.source == "none" and s.window(0, 1e12)["busy_fraction"] is None
+
+
+def test_pipeline_tiny(ray_session, tiny_cache, tmp_path, capsys):
+    """`vpo bench pipeline` runs the real generate job (random-weight tiny models) and times every pool."""
+    out = tmp_path / "bench"
+    rec = _bench(capsys, "pipeline", "--preset", "tiny", "--out", str(out), "pipeline.limit=2",
+                 "pipeline.num_samples=2", "pipeline.generate=[random_outputs.judge_pass_rate=1.0]")
+    assert rec["weights"] == "random" and rec["generate_summary"]["accounted"] is True
+    e2e = rec["end_to_end"]
+    assert e2e["queries"] == 2 and e2e["videos"] == 4  # every candidate passes, one seed each
+    assert e2e["videos_per_s"] > 0 and e2e["queries_per_s"] == round(e2e["videos_per_s"] / 2.0, 5)
+    assert set(rec["stages"]) == {"rewrite", "judge", "t2v", "video_judge"}
+    assert rec["stages"]["t2v"]["rows_in"] == 4 and rec["stages"]["video_judge"]["rows_in"] == 4
+    assert rec["stages"]["rewrite"]["tokens"] > 0  # generated tokens counted in the LLM pools
+    for pool in rec["stages"].values():
+        assert pool["actors"] == 1 and 0 <= pool["busy_share"] <= 1 and pool["waited_for_input_s"] >= 0
+    assert rec["gpus"] == [] and e2e["gpu_hours_per_1000_queries"] is None  # no GPU: said, not invented
+    saved = _strict_load(out / "pipeline_tiny.json")
+    assert saved["summary"]["videos_per_s"] == e2e["videos_per_s"]
+    _png_ok(rec["png"])

@@ -481,9 +481,26 @@ class BenchTrainConfig:
 
 
 @dataclass(frozen=True)
+class BenchPipelineConfig:
+    """`vpo bench pipeline`: the real `vpo generate dpo` on N queries, timed per stage, per pool and per GPU."""
+    queries: str = ""  # query file; "" = the built-in demo queries (GPU runs: ../shared/data/vpo_dpo_queries.json)
+    limit: int = 20  # N queries (shuffled with the seed, as `vpo generate limit=N`)
+    num_samples: int = 4  # K rewrites per query
+    weights: str = "random"  # the preset's models at real size with random weights (the tiny preset's are random)
+    t2v_alone_videos_per_gpu: int = 0  # > 0: then the T2V stage alone on the same GPUs, this many videos each
+    reference: Optional[str] = None  # else a `video-sampling` record whose scaling run gives the T2V-alone rate
+    generate: tuple[str, ...] = ()  # GenerateConfig key=value overrides, e.g. "video.optimizations=[compile,overlap]"
+
+    def __post_init__(self) -> None:
+        check_weights(self.weights, "pipeline.weights")
+        if self.limit < 1 or self.num_samples < 1 or self.t2v_alone_videos_per_gpu < 0:
+            raise ConfigError("pipeline.limit and pipeline.num_samples must be >= 1, t2v_alone_videos_per_gpu >= 0")
+
+
+@dataclass(frozen=True)
 class BenchConfig:
-    name: str = "video-sampling"  # video-sampling | llm-stages | train-step
-    preset: str = "tiny"  # tiny, or a registry model name: its real architecture with random weights
+    name: str = "video-sampling"  # video-sampling | llm-stages | train-step | pipeline
+    preset: str = "tiny"  # tiny, or a registry model name: its real architecture with random weights (pipeline: a preset)
     out: str = "runs/bench"
     videos: int = 4  # timed videos per variant; steady state = the videos-1 gaps between completions
     warmup: int = 1  # warm-up renders per variant (compile, autotuning), excluded from every figure
@@ -506,11 +523,12 @@ class BenchConfig:
     memory_steps: int = 2  # peak memory does not depend on the step count
     llm: BenchLLMConfig = BenchLLMConfig()
     train: BenchTrainConfig = BenchTrainConfig()
+    pipeline: BenchPipelineConfig = BenchPipelineConfig()
     ray: RayConfig = RayConfig()
 
     def __post_init__(self) -> None:
-        if self.name not in ("video-sampling", "llm-stages", "train-step"):
-            raise ConfigError(f"name: expected video-sampling | llm-stages | train-step, got {self.name!r}")
+        if self.name not in ("video-sampling", "llm-stages", "train-step", "pipeline"):
+            raise ConfigError(f"name: expected video-sampling | llm-stages | train-step | pipeline, got {self.name!r}")
         known = ("baseline", "attention", "optimized", "ray", "scaling", "quantized", "cache", "memory")
         for v in self.variants:
             if v not in known:

@@ -1,9 +1,10 @@
-"""`vpo bench video-sampling|llm-stages|train-step`: print one JSON record, write it and a PNG under --out.
+"""`vpo bench video-sampling|llm-stages|train-step|video-dpo-step|pipeline`: print one JSON record, write it and a PNG under --out.
 
     vpo bench video-sampling --preset cogvideox-2b --out runs/bench --videos 3 baseline=[vae-tiling]
     vpo bench llm-stages --preset tiny --out runs/bench llm.prompts=4
     vpo bench train-step --preset tiny --out runs/bench train.steps=2
     vpo bench video-dpo-step --preset cogvideox-2b --out runs/bench workers=[1,4]
+    vpo bench pipeline --preset paper --out runs/bench pipeline.limit=20 pipeline.queries=PATH
 
 `--preset tiny` runs everything on CPU in CI time (the harness, not speed); any other
 preset or registry name builds the real architecture with random weights. Further
@@ -14,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 
-BENCHMARKS = ("video-sampling", "llm-stages", "train-step", "video-dpo-step")
+BENCHMARKS = ("video-sampling", "llm-stages", "train-step", "video-dpo-step", "pipeline")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=BENCHMARKS, help="which benchmark")
-    parser.add_argument("--preset", default=None, help="tiny | a registry model name (default: tiny)")
+    parser.add_argument("--preset", default=None, help="tiny | a registry model name | pipeline: a preset (default: tiny)")
     parser.add_argument("--out", default=None, help="output directory (default runs/bench)")
     parser.add_argument("--videos", type=int, default=None, help="timed videos per variant (video-sampling)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up runs per variant, excluded from figures")
@@ -32,6 +33,8 @@ def run_bench(cfg) -> dict:
         from vpo_ray.bench import video_sampling as mod
     elif cfg.name == "llm-stages":
         from vpo_ray.bench import llm_stages as mod
+    elif cfg.name == "pipeline":
+        from vpo_ray.bench import pipeline as mod
     else:
         from vpo_ray.bench import train_step as mod
     return mod.run(cfg)

@@ -147,3 +147,50 @@ def plot_scaling(rec: dict, uri: str) -> None:
     a.set_ylabel("videos / s")
     a.legend(fontsize=8)
     _save(fig, uri)
+
+
+def plot_pipeline(rec: dict, traces: list, events: list, t_ref: float, uri: str) -> None:
+    """Per-GPU busy timeline (NVML), each pool's actors at work over time, GPU-hours by stage."""
+    dev = (rec.get("device") or {}).get("name", "?")
+    e2e = rec.get("end_to_end") or {}
+    fig, ax = _figure(3, 1, f"vpo generate dpo, preset {rec.get('preset')} (weights {rec.get('weights')}) on {dev}: "
+                            f"{e2e.get('videos')} videos, {e2e.get('videos_per_s')} videos/s steady")
+    fig.set_size_inches(10, 9)
+    win = rec.get("steady_window") or {}
+    a = ax[0][0]
+    if any(traces):
+        for i, trace in enumerate(traces):
+            a.plot([t for t, _ in trace], [u for _, u in trace], lw=0.7, label=f"GPU {i}")
+        a.set_ylim(0, 105)
+        a.set_ylabel("utilization %")
+        a.legend(fontsize=7, ncol=4)
+        busy = [g.get("busy_fraction") for g in rec.get("gpus") or []]
+        a.set_title("NVML utilization per GPU; steady window shaded; busy " +
+                    ", ".join(f"{b:.2f}" for b in busy if b is not None), fontsize=9)
+    else:
+        _empty(a, "no GPU utilization samples (no GPU)")
+    b = ax[1][0]
+    actors = sorted({(e["pool"], e["actor"]) for e in events})
+    for row, (pool, actor) in enumerate(actors):
+        spans = [(e["t0"] - t_ref, e["t1"] - e["t0"]) for e in events
+                 if e["pool"] == pool and e["actor"] == actor and e["kind"] == "call"]
+        loads = [(e["t0"] - t_ref, e["t1"] - e["t0"]) for e in events
+                 if e["pool"] == pool and e["actor"] == actor and e["kind"] == "ready"]
+        b.broken_barh(loads, (row - 0.4, 0.8), color="lightgray")
+        b.broken_barh(spans, (row - 0.4, 0.8), color=f"C{sorted({p for p, _ in actors}).index(pool)}")
+    b.set_yticks(range(len(actors)))
+    b.set_yticklabels([f"{p} {a.split('@')[0]}" for p, a in actors], fontsize=6)
+    b.set_xlabel("seconds since start (gray: loading, colour: in a call)")
+    for axis in (a, b) if any(traces) else (b,):
+        if win.get("seconds"):
+            axis.axvspan(win["start_s"], win["end_s"], color="green", alpha=0.1)
+    c = ax[2][0]
+    split = e2e.get("gpu_hours_by_stage") or {}
+    if split:
+        c.bar(list(split), list(split.values()), color="tab:blue")
+        c.set_ylabel("GPU-hours / 1,000 queries")
+        c.set_title(f"total {e2e.get('gpu_hours_per_1000_queries')} GPU-hours per 1,000 queries (steady state, "
+                    "extrapolated), split by busy time", fontsize=9)
+    else:
+        _empty(c, "no GPU-hour figure (no GPU or no steady window)")
+    _save(fig, uri)
