@@ -1,4 +1,5 @@
-"""Seeded per-row sampling for batched `generate` (pipeline stages and the served optimizer).
+"""Seeded per-row sampling for batched `generate` (pipeline stages and the served optimizer), and the
+per-row forced lengths that weights=random runs end their rows at (vpo_ray/models/random_weights.py).
 
 Each output row draws from its own torch.Generator, so a row's text depends only on its
 seed and prompt, never on which other rows shared the batch: reruns after a killed
@@ -68,3 +69,29 @@ def row_sampler_class():
 def row_sampler(temperatures: list[float], top_ps: list[float], seeds: list[int], device):
     """A logits processor to pass to `model.generate(do_sample=False, logits_processor=[...])`."""
     return row_sampler_class()(temperatures, top_ps, seeds, device)
+
+
+def forced_length(lengths: Sequence[int], limits: Sequence[int], prompt_len: int, eos_token_id):
+    """A logits processor: row i cannot end before lengths[i] tokens and ends right there (below its limit)."""
+    import torch
+    from transformers import LogitsProcessor
+
+    eos = list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+    ends = [int(n) if int(n) < int(lim) else None for n, lim in zip(lengths, limits)]
+
+    class ForcedLength(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            step = input_ids.shape[1] - prompt_len
+            early = [i for i, n in enumerate(ends) if n is None or step < n]
+            now = [i for i, n in enumerate(ends) if n is not None and step == n]
+            scores = scores.clone()
+            if early:
+                scores[torch.tensor(early, device=scores.device)[:, None], torch.tensor(eos, device=scores.device)] = \
+                    float("-inf")
+            if now:
+                rows = torch.tensor(now, device=scores.device)
+                scores[rows] = float("-inf")
+                scores[rows, eos[0]] = 0.0
+            return scores
+
+    return ForcedLength()

@@ -416,6 +416,9 @@ def run_eval(cfg: EvalConfig) -> dict:
         raise ConfigError(f"queries: no usable query in {set_name} ({len(dropped)} dropped, see errors)")
     models = resolve_models(cfg)
     sources = parse_sources(cfg.sources, models["optimizer"])
+    if cfg.weights == "random":  # trained optimizers of a weights=random loop end their rows as drawn too
+        sources = [Source(s.name, s.kind, random_weights.WithRandomOutputs(s.model, cfg.random_outputs))
+                   if s.kind == "model" else s for s in sources]
     t2v_models = video_models.parse_t2v_models(cfg.t2v_models if cfg.videos else (), models.get("t2v", ""),
                                                [s.name for s in sources])
     names = [video_models.row_name(s.name, m) for m in t2v_models for s in sources]

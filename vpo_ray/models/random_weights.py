@@ -43,6 +43,17 @@ class RandomModel:
         return RANDOM_PREFIX + self.name
 
 
+@dataclass(frozen=True)
+class WithRandomOutputs:
+    """A checkpoint trained from random weights (a weights=random loop's optimizer): its weights, and the output
+    model, because a model trained from noise on a few steps does not learn to stop either."""
+    model: str  # checkpoint folder
+    outputs: RandomOutputsConfig = field(default_factory=RandomOutputsConfig)
+
+    def __str__(self) -> str:
+        return self.model
+
+
 def as_random(model: Any) -> Optional[RandomModel]:
     """The RandomModel a reference stands for (a RandomModel or "random:<name>"), else None."""
     if isinstance(model, RandomModel):

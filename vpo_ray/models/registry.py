@@ -244,6 +244,10 @@ def load_causal_lm(spec_or_path: Union[ModelSpec, str], device: str = "cpu", dty
 
     if random_weights.as_random(spec_or_path) is not None:
         return random_weights.build_causal_lm(spec_or_path, device, dtype, for_training)
+    if isinstance(spec_or_path, random_weights.WithRandomOutputs):
+        model, tokenizer = load_causal_lm(spec_or_path.model, device, dtype, for_training)
+        model.vpo_random_outputs = spec_or_path.outputs
+        return model, tokenizer
 
     spec, path, model_id, cls = _resolve(spec_or_path, "transformers.AutoModelForCausalLM")
     try:

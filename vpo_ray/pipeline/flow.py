@@ -160,14 +160,18 @@ def resolve_models(cfg: GenerateConfig) -> dict[str, Any]:
     optimizer is checked here (its config only): a wrong path or an id that is not cached
     offline fails now with ModelLoadError naming it, not later in every actor.
     """
+    from vpo_ray.models.random_weights import WithRandomOutputs
     from vpo_ray.models.registry import check_config as check_model, model_ref
 
     def ref(role: str):
         return model_ref(cfg.preset, role, cfg.weights, cfg.random_outputs)
 
-    if cfg.optimizer:
-        check_model(cfg.optimizer)
-    roles = {"optimizer": cfg.optimizer or ref("optimizer"), "judge": ref("judge")}
+    optimizer = cfg.optimizer
+    if optimizer:
+        check_model(optimizer)
+        if cfg.weights == "random":  # trained from random weights (a weights=random loop): it ends rows as drawn too
+            optimizer = WithRandomOutputs(optimizer, cfg.random_outputs)
+    roles = {"optimizer": optimizer or ref("optimizer"), "judge": ref("judge")}
     if cfg.kind == "dpo":
         roles["t2v"] = ref("t2v")
         roles["video_judge"] = ref("video_judge")

@@ -23,7 +23,7 @@ import numpy as np
 from vpo_ray import prompts
 from vpo_ray.config import JudgeEndpointConfig, SamplingConfig
 from vpo_ray.models import random_weights
-from vpo_ray.sampling import cut_at_stop, row_sampler
+from vpo_ray.sampling import cut_at_stop, forced_length, row_sampler
 from vpo_ray.schema import Judgement
 
 log = logging.getLogger(__name__)
@@ -166,30 +166,6 @@ def row_length_limit(limits: Sequence[int], prompt_len: int, eos_token_id):
     return RowLengthLimit()
 
 
-def forced_length(lengths: Sequence[int], limits: Sequence[int], prompt_len: int, eos_token_id):
-    """A logits processor: row i cannot end before lengths[i] tokens and ends right there (below its limit)."""
-    import torch
-    from transformers import LogitsProcessor
-
-    eos = list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
-    ends = [int(n) if int(n) < int(lim) else None for n, lim in zip(lengths, limits)]
-
-    class ForcedLength(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            step = input_ids.shape[1] - prompt_len
-            early = [i for i, n in enumerate(ends) if n is None or step < n]
-            now = [i for i, n in enumerate(ends) if n is not None and step == n]
-            scores = scores.clone()
-            if early:
-                scores[torch.tensor(early, device=scores.device)[:, None], torch.tensor(eos, device=scores.device)] = \
-                    float("-inf")
-            if now:
-                rows = torch.tensor(now, device=scores.device)
-                scores[rows] = float("-inf")
-                scores[rows, eos[0]] = 0.0
-            return scores
-
-    return ForcedLength()
 
 
 # ---------------------------------------------------------------------------- rewrite stage

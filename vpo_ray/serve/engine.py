@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 from vpo_ray.config import ServeConfig
+from vpo_ray.models import random_weights
 from vpo_ray.prompts import optimizer_messages
-from vpo_ray.sampling import cut_at_stop, row_sampler_class
+from vpo_ray.sampling import cut_at_stop, forced_length, row_sampler_class
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,8 @@ def model_source(cfg: ServeConfig):
     """What the registry loads: cfg.model (path, hub id or registry name), else the preset's optimizer."""
     from vpo_ray.models import registry  # the one place model ids live
 
+    if cfg.weights == "random":  # the architecture of cfg.model (a registry name) or of the preset's optimizer
+        return registry.model_ref(cfg.model or cfg.preset, "optimizer", "random", cfg.random_outputs)
     return cfg.model or registry.get_spec(cfg.preset, "optimizer")
 
 
@@ -110,6 +113,7 @@ class OptimizerEngine:
         if self.device == "cpu":
             torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.num_cpus)))
         self.model, self.tokenizer, self.path = load_model(cfg, self.device)
+        self.random_outputs = random_weights.outputs_of(self.model)  # weights=random: the output-length model
         self.name = served_name(cfg)
         self.version = cfg.model_version or fingerprint(self.path)
         self._sampler_cls = row_sampler_class()
@@ -145,10 +149,14 @@ class OptimizerEngine:
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         enc = {k: v.to(self.device) for k, v in enc.items()}
         max_new = max(r.max_new_tokens for r in requests)
-        sampler = self._sampler_cls(temps, top_ps, seeds, self.device)
+        processors = [self._sampler_cls(temps, top_ps, seeds, self.device)]
+        if self.random_outputs is not None:  # weights=random: rewrites end at drawn lengths, as in the pipeline
+            limits = [requests[r_i].max_new_tokens for r_i in owners]
+            lengths = random_weights.draw_lengths(self.random_outputs, "rewrite", seeds, max_new)
+            processors.insert(0, forced_length(lengths, limits, enc["input_ids"].shape[1], self.stop_ids))
         with torch.inference_mode():
             out = self.model.generate(
-                **enc, max_new_tokens=max_new, do_sample=False, num_beams=1, logits_processor=[sampler],
+                **enc, max_new_tokens=max_new, do_sample=False, num_beams=1, logits_processor=processors,
                 pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.stop_ids or None,
                 temperature=None, top_p=None, top_k=None,
             )

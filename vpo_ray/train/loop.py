@@ -82,8 +82,13 @@ def _done(out: str) -> Optional[dict]:
 def run_loop(rounds: int, queries: str, out: str, preset: str = "tiny", overrides: Optional[list[str]] = None,
              config_path: Optional[str] = None, generate_fn: Optional[Callable[[GenerateConfig], dict]] = None,
              train_fn: Optional[Callable[[TrainConfig], dict]] = None, tune: str = "optimizer",
-             video_train_fn: Optional[Callable] = None) -> dict:
-    """SFT round then `rounds` DPO rounds tuning `tune`; returns (and writes) DIR/loop_summary.json."""
+             video_train_fn: Optional[Callable] = None, weights: Optional[str] = None) -> dict:
+    """SFT round then `rounds` DPO rounds tuning `tune`; returns (and writes) DIR/loop_summary.json.
+
+    `weights` ("pretrained" | "random") sets both `gen.weights` and `train.weights` unless they are given.
+    """
+    if weights is not None:
+        overrides = [f"gen.weights={weights}", f"train.weights={weights}"] + list(overrides or [])
     if rounds < 0:
         raise ConfigError(f"rounds: expected >= 0 DPO rounds, got {rounds}")
     if not queries:
@@ -180,6 +185,8 @@ def add_arguments(p) -> None:
     p.add_argument("--tune", choices=TUNE, default="optimizer",
                    help="what the DPO rounds train: the optimizer (VPO, default), the video model (Diffusion-DPO on "
                         "same-prompt video pairs), or both")
+    p.add_argument("--weights", choices=["pretrained", "random"], default=None,
+                   help="random: the preset's real architectures with random weights, for every stage")
     p.add_argument("--config", help="YAML with generate:/train:/sft:/dpo:/video_dpo: sections")
     p.add_argument("overrides", nargs="*", help="prefixed overrides: gen.num_samples=4 sft.max_steps=20 dpo.beta=0.2 "
                                                 "video_dpo.max_steps=50")
@@ -192,7 +199,7 @@ def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         summary = run_loop(args.rounds, args.queries, args.out, args.preset, args.overrides, args.config,
-                           tune=args.tune)
+                           tune=args.tune, weights=args.weights)
     except DataError as e:
         print(f"vpo loop: bad training data: {e}", file=sys.stderr)
         return 2
