@@ -105,3 +105,16 @@ def test_one_pool_rewrites_and_judges_when_both_are_one_model(tiny_cache):
              "error": np.array([""], dtype=object), "error_stage": np.array([""], dtype=object)}
     cands = json.loads(stage(batch)["candidates_json"][0])
     assert len(cands) == 2 and all(c.get("judge") or c.get("error") for c in cands)
+
+
+def test_a_random_video_pipeline_renders_with_its_text_encoder(tiny_cache, tmp_path):
+    """The whole pipeline, T5 encoder and stand-in tokenizer included (the tiny architecture; real ones on GPU)."""
+    from vpo_ray.config import VideoConfig
+    from vpo_ray.pipeline.t2v import T2VRenderer
+
+    r = T2VRenderer(random_weights.RandomModel("tiny-t2v"), VideoConfig(num_frames=9, height=32, width=32,
+                                                                     num_inference_steps=2), out_root=str(tmp_path))
+    assert type(r.pipe.text_encoder).__name__ == "T5EncoderModel" and len(r.pipe.tokenizer) == 1024
+    out = r({"query_id": ["q"], "sample_idx": [0], "prompt": ["a red kite over the sea"], "negative_prompt": [""],
+             "seed": [1], "aspect_ratio": [""]})
+    assert out["error"] == [""] and out["frames"] == [9] and out["model"] == ["random:tiny-t2v"]

@@ -126,6 +126,8 @@ class PipelineBench:
         """T2V-alone videos/s on the same GPUs: measured now, read from a reference record, or None."""
         p = self.cfg.pipeline
         if p.reference:
+            if not storage.exists(p.reference):  # the ratio can still be worked out later from the two records
+                return {"videos_per_s": None, "source": p.reference, "error": "reference record not found"}
             ref = storage.read_json(p.reference)
             run = ((ref.get("scaling") or {}).get("runs") or {}).get(str(max(1, gpus))) or {}
             return {"videos_per_s": run.get("videos_per_s"), "source": f"{p.reference} (scaling, {gpus} actors)",

@@ -105,7 +105,7 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in (
     ModelSpec("tiny-judge", "judge", "tiny-judge", "transformers.AutoModelForCausalLM",
               dtype="float32", num_gpus=0.0, tiny=True, kwargs=(("arch_config", "tiny-llm"),)),
     ModelSpec("tiny-t2v", "t2v", "tiny-t2v", "diffusers.CogVideoXPipeline", dtype="float32", num_gpus=0.0,
-              tiny=True, kwargs=_t2v(9, 32, 32, 2, 6.0, 8)),  # 9 frames -> 3 latent frames; 32 px -> 4x4 latents
+              tiny=True, kwargs=_t2v(9, 32, 32, 2, 6.0, 8, arch_config="tiny-cogvideox")),  # 9 frames -> 3 latent; 32 px -> 4x4
     ModelSpec("tiny-wan", "t2v", "tiny-wan", "diffusers.WanPipeline", dtype="float32", num_gpus=0.0,
               tiny=True, kwargs=_t2v(9, 32, 32, 2, 5.0, 16)),
     ModelSpec("tiny-video-judge", "video_judge", "tiny-video-judge",

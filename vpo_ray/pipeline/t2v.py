@@ -37,7 +37,6 @@ from vpo_ray import storage
 from vpo_ray.config import StageConfig, VideoConfig
 
 ARCH_PREFIX = "arch:"
-ARCH_DIR = Path(__file__).resolve().parent.parent / "models" / "configs"
 
 OPTIMIZATIONS = {
     "fuse-qkv": "one QKV matmul per attention layer (transformer.fuse_qkv_projections)",
@@ -112,7 +111,11 @@ def set_sdpa_preference(backend: Optional[str]) -> None:
 # ---------------------------------------------------------------------------- loading
 
 def arch_names() -> list[str]:
-    return sorted(p.parent.name for p in ARCH_DIR.glob("*/transformer.json"))
+    """Registry T2V models whose architecture ships (configs/<name or arch_config>/transformer.json)."""
+    from vpo_ray.models import random_weights, registry
+
+    return sorted(n for n, s in registry.MODELS.items()
+                  if s.role == "t2v" and (random_weights.config_folder(s) / "transformer.json").is_file())
 
 
 def build_arch_pipeline(name: str, device: str, dtype: Optional[str] = None, seed: int = 0):
