@@ -340,11 +340,13 @@ def test_random_init_builds_architectures_from_shipped_configs(tmp_path, monkeyp
     n_params = sum(p.numel() for p in mods["transformer"].parameters())
     assert 1.5e9 < n_params < 2.0e9  # CogVideoX-2B's transformer has ~1.7B parameters
     # a small config through the same path, on CPU, deterministic per seed
-    folder = tmp_path / "tiny-t2v"
+    from vpo_ray.models import random_weights
+
+    folder = tmp_path / random_weights.config_folder(registry.get_spec("tiny-t2v")).name
     folder.mkdir()
     cfg = json.loads((Path(registry.__file__).parent / "configs" / "tiny" / "cogvideox_transformer.json").read_text())
     (folder / "transformer.json").write_text(json.dumps(dict(cfg, _class_name="CogVideoXTransformer3DModel")))
-    monkeypatch.setattr(registry, "CONFIG_DIR", tmp_path)
+    monkeypatch.setattr(random_weights, "CONFIG_DIR", tmp_path)
     a = registry.random_init_from_config("tiny-t2v", seed=1)["transformer"]
     b = registry.random_init_from_config("tiny-t2v", seed=1)["transformer"]
     assert type(a).__name__ == "CogVideoXTransformer3DModel"
