@@ -64,10 +64,10 @@ class PipelineBench:
         samplers = [GpuSampler(index=i).start() for i in range(gpus)]
         started_here = not ray.is_initialized()
         init_ray(cfg.ray)
-        log = pool_events.start_log()
+        log, log_name = pool_events.start_log()
         t_ref = time.time()
         try:
-            summary = run_generate(gen, wrap=pool_events.instrument())
+            summary = run_generate(gen, wrap=pool_events.instrument(log_name))
             events = ray.get(log.all.remote())
         finally:
             for s in samplers:

@@ -34,9 +34,12 @@ def event_log_class():
     return EventLog
 
 
-def start_log(name: str = LOG_NAME):
-    """The named event log actor (created here; `instrument(name)` reports to it)."""
-    return event_log_class().options(name=name, lifetime="non_detached").remote()
+def start_log() -> tuple[Any, str]:
+    """(handle, name) of a new named event log actor; `instrument(name)` reports to it."""
+    import uuid
+
+    name = f"{LOG_NAME}_{uuid.uuid4().hex[:8]}"  # one log per run, even in a shared Ray session
+    return event_log_class().options(name=name, lifetime="non_detached").remote(), name
 
 
 class _Reporter:
@@ -95,7 +98,7 @@ def _outcome(batch: dict, out: dict) -> dict:
             "judged": n("checklist_json", lambda v: v not in ("", "[]"))}
 
 
-def instrument(log_name: str = LOG_NAME):
+def instrument(log_name: str):
     """A `flow.Wrap` that times every actor of every pool into the event log `log_name`."""
     def wrap(cls: type, pool: str) -> type:
         class Timed(cls):
