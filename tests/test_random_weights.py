@@ -81,10 +81,10 @@ def test_a_random_llm_ends_its_rows_at_the_drawn_lengths(tiny_cache):
     assert len(engine.tok) == engine.model.config.vocab_size == 4096  # the tiny architecture's stand-in
     sampling = SamplingConfig(max_new_tokens=40, temperature=1.0)
     seeds = [3, 4, 5]
-    lengths = random_weights.stage_lengths(engine, "rewrite", seeds, sampling.max_new_tokens)
+    extra = random_weights.stage_lengths(engine, "rewrite", seeds, sampling.max_new_tokens)
     out = engine.generate([[{"role": "user", "content": q}] for q in ("a cat", "a dog", "rain")], seeds, sampling,
-                          forced_lengths=lengths)
-    assert [c.n_tokens for c in out] == lengths == [39, 39, 39]  # mean 150 clipped below the cap of 40
+                          **extra)
+    assert [c.n_tokens for c in out] == extra["forced_lengths"] == [39, 39, 39]  # mean 150, below the cap of 40
     assert {c.finish_reason for c in out} == {"stop"} and all(c.text for c in out)
 
 

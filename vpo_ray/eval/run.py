@@ -98,7 +98,7 @@ class _FewShotEngine:
 
     def __init__(self, engine):
         self.engine = engine
-        self.random_outputs = engine.random_outputs  # weights=random: rows end as the wrapped engine's would
+        self.random_outputs = getattr(engine, "random_outputs", None)  # weights=random: rows end as the engine's would
         self.turns = prompts.optimizer_messages("", few_shot=True)[1:-1]
 
     def messages(self, msgs: list) -> list:
@@ -158,7 +158,7 @@ class TextJudge(Critic):
         if self.reasoning:
             reasons = [c.text for c in engine.generate(
                 msgs, seeds, sampling, prefills=[ANSWER_HEAD] * len(msgs), stop=(prompts.JUDGE_ANSWER_PREFIX, "Final Judg"),
-                forced_lengths=random_weights.stage_lengths(engine, "critique", seeds, sampling.max_new_tokens))]
+                **random_weights.stage_lengths(engine, "critique", seeds, sampling.max_new_tokens))]
             prefills = [f"{ANSWER_HEAD} {r}\n{prompts.JUDGE_ANSWER_PREFIX}" for r in reasons]
         else:
             reasons = [""] * len(msgs)

@@ -294,10 +294,13 @@ def draw_lengths(outputs: RandomOutputsConfig, stage: str, row_seeds: Sequence[i
     return out
 
 
-def stage_lengths(engine: Any, stage: str, row_seeds: Sequence[int], cap: int) -> Optional[list[int]]:
-    """`forced_lengths` for an engine's generate call: drawn lengths for random weights, None otherwise."""
+def stage_lengths(engine: Any, stage: str, row_seeds: Sequence[int], cap: int) -> dict:
+    """Extra keyword arguments of an engine's generate call: {"forced_lengths": [...]} for random weights, else {}.
+
+    Empty for real weights, so an engine (or a test's stand-in) without the argument is never handed one.
+    """
     outputs = getattr(engine, "random_outputs", None)
-    return None if outputs is None else draw_lengths(outputs, stage, row_seeds, cap)
+    return {} if outputs is None else {"forced_lengths": draw_lengths(outputs, stage, row_seeds, cap)}
 
 
 def judge_passes(outputs: RandomOutputsConfig, seed: int) -> bool:

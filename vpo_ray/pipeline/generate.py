@@ -9,7 +9,8 @@ Rows stay per query until the DPO explode, so a query's K candidates are judged
 together. The driver consumes the stream, finalises a query once all its rows have
 arrived, and appends finished queries to `parts/` in atomic files: a rerun (or a
 crashed driver) skips every query id already there. Every input query id ends in
-exactly one of: the output set, duplicates.jsonl, errors.jsonl.
+exactly one of: the output set, duplicates.jsonl, errors.jsonl. The Ray Data stages and
+their pools are in flow.py and placement.py (docs/PLACEMENT.md).
 """
 from __future__ import annotations
 

@@ -141,7 +141,7 @@ _ENGINES: dict = {}
 
 def shared_engine(model: Any, device: Optional[str] = None) -> LLMEngine:
     """The process's LLMEngine for (model, device): stages in one actor that use one model share its weights."""
-    key = (model, device)
+    key = (LLMEngine, model, device)  # the class too: a test that swaps LLMEngine gets its own
     if key not in _ENGINES:
         _ENGINES[key] = LLMEngine(model, device=device)
     return _ENGINES[key]
@@ -189,8 +189,9 @@ class Rewriter:
                 msgs.append(prompts.optimizer_messages(str(batch["text"][i])))
                 seeds.append(row_seed(self.seed, "rewrite", batch["query_id"][i], j))
                 owners.append((i, j))
-        texts = [c.text for c in self.engine.generate(msgs, seeds, self.sampling, stop=("\nUser Query:",), forced_lengths=
-                 random_weights.stage_lengths(self.engine, "rewrite", seeds, self.sampling.max_new_tokens))]
+        texts = [c.text for c in self.engine.generate(
+            msgs, seeds, self.sampling, stop=("\nUser Query:",),
+            **random_weights.stage_lengths(self.engine, "rewrite", seeds, self.sampling.max_new_tokens))]
         per_row: list[list[dict]] = [[] for _ in range(n)]
         for (i, j), text in zip(owners, texts):
             parsed = prompts.parse_video_prompt(text)
@@ -229,7 +230,7 @@ class LocalJudge:
         head = "Step-by-step verification:"
         reasoning = [c.text for c in self.engine.generate(
             msgs, seeds, self.sampling, prefills=[head] * len(items), stop=(prompts.JUDGE_ANSWER_PREFIX, "Final Judg"),
-            forced_lengths=random_weights.stage_lengths(self.engine, "critique", seeds, self.sampling.max_new_tokens))]
+            **random_weights.stage_lengths(self.engine, "critique", seeds, self.sampling.max_new_tokens))]
         prefills = [f"{head} {r}\n{prompts.JUDGE_ANSWER_PREFIX}" for r in reasoning]
         p_yes = self.engine.yes_probability(msgs, prefills)
         out = []
@@ -241,8 +242,9 @@ class LocalJudge:
     def decide(self, p_yes: float, seed: int) -> bool:
         """Greedy at temperature 0; otherwise the verdict token is sampled like any other
         (the paper's judge ran at temperature 0.7), seeded per row for reproducibility."""
-        if self.engine.random_outputs is not None:  # weights=random: verdicts at the configured pass rate
-            return random_weights.judge_passes(self.engine.random_outputs, seed)
+        outputs = getattr(self.engine, "random_outputs", None)
+        if outputs is not None:  # weights=random: verdicts at the configured pass rate
+            return random_weights.judge_passes(outputs, seed)
         t = self.sampling.temperature
         if t <= 0:
             return p_yes >= 0.5
@@ -261,7 +263,7 @@ class LocalJudge:
         prefill = "Final Refined Prompt: [[start]] "
         texts = [c.text for c in self.engine.generate(
             msgs, seeds, self.sampling, prefills=[prefill] * len(items), stop=("[[end]]",),
-            forced_lengths=random_weights.stage_lengths(self.engine, "refine", seeds, self.sampling.max_new_tokens))]
+            **random_weights.stage_lengths(self.engine, "refine", seeds, self.sampling.max_new_tokens))]
         out = []
         for t in texts:
             parsed = prompts.parse_refinement(prefill + t + " [[end]]")
