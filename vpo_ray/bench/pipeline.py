@@ -94,6 +94,9 @@ class PipelineBench:
         per_query = total_videos / queries
         queries_per_s = videos_per_s / per_query if videos_per_s and per_query else None
         gpu_hours = gpus * 1000 / queries_per_s / 3600 if queries_per_s and gpus else None
+        calls = [e for e in events if e["kind"] == "call"]
+        run_span = (max(e["t1"] for e in calls) - min(e["t0"] for e in calls)) if calls else None
+        span_hours = gpus * run_span / queries * 1000 / 3600 if run_span and gpus else None
         return {
             "benchmark": "pipeline", "preset": self.cfg.preset, "weights": gen.weights,
             "device": common.device_facts(self.device), "versions": common.versions(),
@@ -115,6 +118,9 @@ class PipelineBench:
                 "gpus": gpus,
                 "gpu_hours_per_1000_queries": round(gpu_hours, 2) if gpu_hours else None,
                 "gpu_hours_note": "extrapolated from the steady-state window: GPUs held x 1000 / queries per second",
+                "gpu_hours_per_1000_queries_run": round(span_hours, 2) if span_hours else None,
+                "gpu_hours_run_note": "GPUs held x (first call to last call) / queries: start-up excluded, the "
+                                      "LLM pool's lead and the drain included",
                 "gpu_hours_by_stage": _by_stage(pools, gpu_hours),
                 "wall_s": summary["wall_seconds"],
             },
