@@ -67,12 +67,13 @@ def serve_and_ask(model: str, port: int, query: str) -> dict:
             "seconds": round(time.perf_counter() - t, 2), "request": query, "reply": reply}
 
 
-def run_demo(out: str, queries: str | None = None, port: int = 8011, extra: list[str] | None = None) -> dict:
+def run_demo(out: str, queries: str | None = None, port: int = 8011, extra: list[str] | None = None,
+             weights: str | None = None) -> dict:
     from vpo_ray.train.loop import run_loop
 
     t0 = time.perf_counter()
     queries = queries or demo_queries()
-    loop = run_loop(1, queries, out, preset="tiny", overrides=TINY_OVERRIDES + list(extra or []))
+    loop = run_loop(1, queries, out, preset="tiny", overrides=TINY_OVERRIDES + list(extra or []), weights=weights)
     stages = stage_rows(loop)
     stages["serve"] = serve_and_ask(loop["optimizer"], port, "a corgi surfing a wave at sunset -ar 16:9")
     summary = {"queries": queries, "optimizer": loop["optimizer"], "stages": stages,
@@ -85,6 +86,8 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--queries", help="query file (default: the built-in demo set of 24 queries)")
     p.add_argument("--port", type=int, default=8011, help="port for the serve step on 127.0.0.1")
+    p.add_argument("--weights", choices=["pretrained", "random"], default=None,
+                   help="random: the tiny architectures from configs/ with stand-in tokenizers (the weights=random path)")
     p.add_argument("overrides", nargs="*", help="loop overrides, e.g. gen.num_samples=4 sft.max_steps=20")
 
 
@@ -92,7 +95,7 @@ def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    summary = run_demo(args.out, args.queries, args.port, args.overrides)
+    summary = run_demo(args.out, args.queries, args.port, args.overrides, weights=args.weights)
     for name, s in summary["stages"].items():
         print(f"{name:28s} in={s['rows_in']!s:>5} out={s['rows_out']!s:>5} errors={s['errors']!s:>3} {s['seconds']}s")
     print(f"summary: {os.path.join(args.out, 'summary.json')}")
