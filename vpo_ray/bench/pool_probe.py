@@ -3,11 +3,14 @@
 `StaggeredWorker`: the i-th actor to start (counted in a shared file) takes i x
 `stagger_s` to "load", as GPU actors that build and compile models finish apart; each
 row then takes `row_s` of work (a sleep, or busy matmuls on the actor's GPU with
-`gpu=True`). It returns which actor took each row, so a test can assert who got rows.
+`gpu=True`), one row at a time even when the actor takes two calls at once (as the T2V
+stage's denoising lock does). It returns which actor took each row, so a test can assert
+who got rows.
 """
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import numpy as np
@@ -25,6 +28,7 @@ class StaggeredWorker:
         self.row_s = row_s
         self.gpu = gpu
         self.pid = os.getpid()
+        self._lock = threading.Lock()  # one row at a time on the device, as T2VRenderer's denoise lock
 
     def _work(self) -> None:
         if not self.gpu:
@@ -39,5 +43,6 @@ class StaggeredWorker:
         torch.cuda.synchronize()
 
     def __call__(self, batch: dict) -> dict:
-        self._work()
+        with self._lock:
+            self._work()
         return {"id": batch["id"], "actor": np.full(len(batch["id"]), self.pid)}
