@@ -29,9 +29,9 @@ def run(setting: str, args) -> dict:
     gpus = 1.0 if args.gpu else 0.0
     if setting == "default":
         out = ds.map_batches(StaggeredWorker, fn_constructor_kwargs=kwargs, batch_size=1, num_gpus=gpus or None,
-                             compute=ActorPoolStrategy(size=args.actors, max_concurrent_calls_per_actor=2))
-    else:
-        pool = placement.Pool("probe", args.actors, args.actors, gpus, 1.0, batch_size=1, concurrency=2)
+                             num_cpus=0.25, compute=ActorPoolStrategy(size=args.actors, max_concurrent_calls_per_actor=2))
+    else:  # 0.25 CPU an actor: the probe's rows are sleeps or GPU work, and a laptop has few cores
+        pool = placement.Pool("probe", args.actors, args.actors, gpus, 0.25, batch_size=1, concurrency=2)
         out = placement.start_together(ds.map_batches(StaggeredWorker, fn_constructor_kwargs=kwargs,
                                                       **placement.map_kwargs(pool)), timeout_s=600)
     t0 = time.time()
