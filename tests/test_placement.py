@@ -1,6 +1,7 @@
 """The placement rule (vpo_ray/pipeline/placement.py, docs/PLACEMENT.md) as tables, and the start-up wait."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 
@@ -103,6 +104,18 @@ def test_no_gpu_or_manual_mode_takes_the_stage_configs_as_given():
     assert manual.pools["rewrite"].max_actors == 3 and manual.pools["rewrite"].num_gpus == 0.5
     # a pool that holds no model (an HTTP judge) stays on CPUs in every layout
     assert plan_pools(paper() + reqs[1:], PlacementConfig(), 4, H100).pools["judge"].num_gpus == 0.0
+
+
+def test_several_video_models_split_the_gpus_and_pins_are_kept():
+    t2v, tiled = placement.model_gib("cogvideox-2b")
+    reqs = paper()[:1] + [PoolRequest(f"t2v[{n}]", "t2v", StageConfig(batch_size=1, accelerator_type="H100"), t2v,
+                                      tiled) for n in ("preset", "dpo1")]
+    plan = plan_pools(reqs, PlacementConfig(), 4, H100)
+    assert table(plan) == {"llm": (1, 0.25), "t2v[preset]": (2, 0.75), "t2v[dpo1]": (2, 0.75)}
+    assert placement.map_kwargs(plan.pools["t2v[dpo1]"])["accelerator_type"] == "H100"
+    assert "accelerator_type" not in placement.map_kwargs(plan.pools["llm"])
+    with pytest.raises(ConfigError, match="3 text-to-video pools need a GPU each, there are 2"):
+        plan_pools(reqs + [dataclasses.replace(reqs[1], name="t2v[dpo2]")], PlacementConfig(), 2, H100)
 
 
 def test_cpu_requests_scale_down_to_fit():
