@@ -30,6 +30,8 @@
 #                  it is packed with xz instead) and imageio-ffmpeg minus its 170 MB ffmpeg binary.
 #   IMAGE_REQUIRES.txt  what the bundle expects from the image (pyarrow>=17, pandas>=2.2.3, ...);
 #                  install.sh warns about any that the device does not satisfy.
+#   data/          vpo_dpo_queries.json.xz, the DPO query pool for `vpo bench pipeline` (from
+#                  ../shared/data or $GPU_BUNDLE_QUERIES); install.sh unpacks it to $GPU_SITE/vpo_data/.
 #   install.sh, MANIFEST.txt, BUNDLE_ID.
 #
 # The image's package list (.library/device/KINDS.md, read 2026-11-17) already holds pyarrow,
@@ -326,6 +328,18 @@ else
   rm -f "$OUT/ffmpeg.xz" "$OUT/.stamps/ffmpeg.xz"
 fi
 
+# --- 6b. the DPO query pool for `vpo bench pipeline` ----------------------------------------
+# ../shared/data does not travel to the device, so the bundle carries the 9,956 real DPO queries
+# (1.0 MB of JSON, 0.33 MB as xz); install.sh unpacks them to $GPU_SITE/vpo_data/. Never committed.
+QUERIES_SRC="${GPU_BUNDLE_QUERIES:-$ROOT/../shared/data/vpo_dpo_queries.json}"
+rm -rf "$OUT/data"
+if [ -f "$QUERIES_SRC" ]; then
+  mkdir -p "$OUT/data"
+  xz $XZ_FLAGS -c "$QUERIES_SRC" > "$OUT/data/vpo_dpo_queries.json.xz"
+else
+  log "WARNING: no $QUERIES_SRC (set GPU_BUNDLE_QUERIES): the bundle carries no DPO queries for bench pipeline"
+fi
+
 # --- 7. install.sh (runs on the GPU machine) -----------------------------------------------
 cat > "$OUT/install.sh" <<'INSTALL'
 #!/usr/bin/env bash
@@ -415,6 +429,12 @@ PY
     "$PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$B/ffmpeg.xz" "$F"
     chmod 755 "$F"
   fi
+  mkdir -p "$SITE.partial/vpo_data"   # query files for benchmarks (data/*.xz -> vpo_data/*)
+  for f in "$B"/data/*.xz; do
+    [ -f "$f" ] || continue
+    "$PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+      "$f" "$SITE.partial/vpo_data/$(basename "$f" .xz)"
+  done
   # Bytecode once here instead of in every Ray worker (and in case PYTHONDONTWRITEBYTECODE is set).
   "$PY" -m compileall -q -j 0 "$SITE.partial" >/dev/null 2>&1 || true
   echo "$ID" > "$SITE.partial/.done"
@@ -432,6 +452,7 @@ rm -rf "$OUT"/*.tmp
   echo "ray.tar.xz:    $RAY_PIN (trimmed, binaries stripped)"
   echo "native.tar.xz: ${NATIVE_PINS[*]} (imageio-ffmpeg without its ffmpeg binary)"
   if [ -f "$OUT/ffmpeg.xz" ]; then echo "ffmpeg.xz:     static ffmpeg from $FFMPEG_PIN"; fi
+  if [ -d "$OUT/data" ]; then echo "data/:         $(cd "$OUT/data" && ls | tr '\n' ' ')(unpacked to \$GPU_SITE/vpo_data/)"; fi
   echo "wheels/ (always installed):"; (cd "$OUT/wheels" && ls -1 | sed 's/^/  /')
   echo "fallback/ (installed when the image's version is outside the range):"
   sed 's/^/  /' "$OUT/fallback/REQUIRES.txt"
@@ -445,7 +466,7 @@ rm -rf "$OUT"/*.tmp
 
 total=$(du -sb "$OUT" | cut -f1)
 log "bundle $(cat "$OUT/BUNDLE_ID") in $OUT:"
-for f in ray.tar.xz native.tar.xz ffmpeg.xz wheels fallback install.sh; do
+for f in ray.tar.xz native.tar.xz ffmpeg.xz data wheels fallback install.sh; do
   if [ -e "$OUT/$f" ]; then log "  $(du -sh --apparent-size "$OUT/$f" | cut -f1)	$f"; fi
 done
 log "  total $((total / 1048576)) MiB ($total bytes); limit ${LIMIT_MIB} MiB"

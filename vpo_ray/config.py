@@ -483,7 +483,7 @@ class BenchTrainConfig:
 @dataclass(frozen=True)
 class BenchPipelineConfig:
     """`vpo bench pipeline`: the real `vpo generate dpo` on N queries, timed per stage, per pool and per GPU."""
-    queries: str = ""  # query file; "" = the built-in demo queries (GPU runs: ../shared/data/vpo_dpo_queries.json)
+    queries: str = ""  # query file; "" = the built-in demo queries (GPU: the bundle's copy)
     limit: int = 20  # N queries (shuffled with the seed, as `vpo generate limit=N`)
     num_samples: int = 4  # K rewrites per query
     weights: str = "random"  # the preset's models at real size with random weights (the tiny preset's are random)
