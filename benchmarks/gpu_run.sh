@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Run one benchmark on a GPU machine that has no network, after `.gpu_bundle/install.sh`.
+# Run one benchmark on a GPU machine that has no network (carry `.gpu_bundle`, built by
+# benchmarks/gpu_bundle.sh; where ray does not import yet, this installs the bundle first, which
+# takes ~30-60 s outside SECONDS). From the repository root:
 #
-#   bash .gpu_bundle/install.sh && export PYTHONPATH=/tmp/site:$PWD
 #   bash benchmarks/gpu_run.sh SECONDS video-sampling --preset cogvideox-2b --videos 3 [key=value ...]
+#
+# With the tiny preset and no GPU it runs here too (nvidia-smi absent): that checks a command
+# before it goes to a GPU machine.
 #
 # The benchmark gets at most SECONDS (SIGINT, then KILL 20 s later); it saves its JSON after
 # every variant, so a cut-off run still returns what it measured. JSON, PNG and the log are
@@ -23,10 +27,18 @@ collect() {
 }
 trap collect EXIT
 
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+if [ -f .gpu_bundle/install.sh ] && ! python3 -c 'import ray' 2>/dev/null; then
+  eval "$(bash .gpu_bundle/install.sh)" || exit 3   # exports PYTHONPATH=/tmp/site:$PWD
+fi
+
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+else
+  echo "no nvidia-smi: a CPU run (the tiny preset checks the command here)"
+fi
 python3 -c 'import torch, diffusers, transformers, ray; print("torch", torch.__version__, "cuda", torch.version.cuda,
 "diffusers", diffusers.__version__, "transformers", transformers.__version__, "ray", ray.__version__,
-"gpu", torch.cuda.get_device_name(0))' || exit 3
+"gpus", [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] or "none (CPU)")' || exit 3
 if ! python3 -c 'import imageio_ffmpeg; imageio_ffmpeg.get_ffmpeg_exe()' 2>/dev/null; then
   export IMAGEIO_FFMPEG_EXE=$PWD/benchmarks/ffmpeg_shim.py  # no ffmpeg here: OpenCV mp4v stands in
   echo "no ffmpeg on this machine: mp4s are written by benchmarks/ffmpeg_shim.py (OpenCV, mp4v)"
