@@ -341,8 +341,9 @@ def _on_this_machine(text: str, root: Path) -> str:
 
 def test_job_chain_reads_each_previous_output(two_nodes):
     """build_sft -> train_sft -> build_dpo -> train_dpo -> evaluate through `ray job submit`, with
-    jobs/*.yaml as shipped; then the optimizer jobs/serve.yaml and the RayService name is the one
-    train_dpo exported. A job naming a path its predecessor does not write fails here."""
+    jobs/*.yaml as shipped (their pools placed by vpo_ray/pipeline/placement.py, mode manual); then
+    the optimizer jobs/serve.yaml and the RayService name is the one train_dpo exported. A job naming
+    a path its predecessor does not write fails here."""
     root = two_nodes.root / "vol"
     (root / "data").mkdir(parents=True)
     shutil.copy(REPO / "tests" / "data" / "queries_objects.json", root / "data" / "vpo_sft_queries.json")
@@ -356,6 +357,10 @@ def test_job_chain_reads_each_previous_output(two_nodes):
             timeout=1500)
         assert status == "SUCCEEDED", f"jobs.{name}: {logs[-4000:]}"
     runs = root / "runs"
+    for job, pools in (("build_sft", {"rewrite", "judge"}), ("build_dpo", {"rewrite", "judge", "t2v", "video_judge"})):
+        placed = json.loads((runs / job / "summary.json").read_text())["placement"]  # vpo_ray/pipeline/placement.py
+        assert (placed["layout"], set(placed["pools"])) == ("manual", pools), placed  # the YAML's mode, every pool
+        assert all((p["num_gpus"], p["min_actors"]) == (0.0, 1) for p in placed["pools"].values()), placed
     train_dpo = json.loads((runs / "train_dpo" / "summary.json").read_text())
     assert (train_dpo["base_model"], train_dpo["model"]) == (str(runs / "train_sft" / "model"),
                                                              str(runs / "train_dpo" / "model"))
