@@ -62,10 +62,10 @@ def test_few_shot_source_sends_the_few_shot_optimizer_messages(monkeypatch):
 def test_sources_parse_and_bad_ones_name_the_problem(tmp_path):
     model = tmp_path / "model_dir"
     model.mkdir()
-    (model / "config.json").write_text("{}")
+    (model / "config.json").write_text('{"model_type": "llama"}')
     train_out = tmp_path / "train_out"
     (train_out / "model").mkdir(parents=True)
-    (train_out / "model" / "config.json").write_text("{}")
+    (train_out / "model" / "config.json").write_text('{"model_type": "llama"}')
     got = parse_sources(("original", "few_shot", f"sft={model}", f"dpo1={train_out}"), "/opt/base")
     assert [(s.name, s.kind) for s in got] == [("original", "original"), ("few_shot", "few_shot"), ("sft", "model"),
                                               ("dpo1", "model")]
