@@ -46,3 +46,124 @@ def test_forced_lengths_end_rows_as_natural_stops(engine):
     # forced lengths sit beside per-row limits: the smaller one decides
     out = engine.generate(rows[:2], [1, 2], sampling, max_new_tokens=[3, 12], forced_lengths=[5, 5])
     assert [(c.n_tokens, c.finish_reason) for c in out] == [(3, "length"), (5, "stop")]
+
+
+# ---------------------------------------------------------------------------- the batched engine
+
+ROWS = ["a red kite", "waves crashing on rocks at dusk", "city", "a fox running through a snowy forest at dawn",
+        "two robots"]
+
+
+def _engine(**cfg):
+    from vpo_ray.config import LLMEngineConfig
+    from vpo_ray.models.registry import get_spec, model_path
+
+    return LLMEngine(model_path(get_spec("tiny", "optimizer")), device="cpu", config=LLMEngineConfig(**cfg))
+
+
+def test_a_row_does_not_depend_on_batch_slot_refill_or_waves(engine):
+    sampling = SamplingConfig(max_new_tokens=14, temperature=0.9, top_p=0.95)
+    msgs, seeds, limits = [_msgs(t) for t in ROWS], [11, 12, 13, 14, 15], [14, 5, 9, 14, 3]
+    alone = [engine.generate([m], [s], sampling, max_new_tokens=[lim])[0] for m, s, lim in zip(msgs, seeds, limits)]
+    for cfg in ({"max_batch_rows": 2, "sync_every": 3},  # rows wait, then fill slots that others freed
+                {"max_batch_rows": 8, "continuous": False},  # one wave
+                {"max_batch_rows": 2, "continuous": False, "prefill_tokens": 16}):  # waves, one-row prefills
+        e = _engine(**cfg)
+        assert e.generate(msgs, seeds, sampling, max_new_tokens=limits) == alone, cfg
+    assert e.stats["prefill_batches"] >= 3 and e.stats["slots"] == 2
+
+
+def test_static_backend_generates_what_hf_generate_does():
+    sampling = SamplingConfig(max_new_tokens=10, temperature=1.0, top_p=0.9)
+    msgs, seeds = [_msgs(t) for t in ROWS[:3]], [3, 4, 5]
+    static, hf = _engine(backend="static"), _engine(backend="hf")
+    assert static.backend == "static" and hf.backend == "hf"
+    assert static.generate(msgs, seeds, sampling) == hf.generate(msgs, seeds, sampling)
+    forced = [3, None, 20]  # forced, free, forced past the cap of 10
+    assert static.generate(msgs, seeds, sampling, forced_lengths=forced) == \
+        hf.generate(msgs, seeds, sampling, forced_lengths=forced)
+
+
+def test_verdict_prefill_equals_one_forward_per_prompt(engine):
+    """The old path read P(Yes) from a plain forward of each prompt; the bucketed prefill must agree."""
+    import torch
+
+    from vpo_ray.models.registry import yes_no_probs
+
+    msgs = [_msgs(t) for t in ROWS]
+    prefills = ["Step-by-step verification: ok.\nFinal Judgement (Yes or No):"] * 3 + ["x"] * 2
+    got = _engine(prefill_tokens=40).yes_probability(msgs, prefills)  # several length buckets
+    ref = []
+    with torch.inference_mode():
+        for ids in engine.prompt_ids(msgs, prefills):
+            py, pn = yes_no_probs(engine.model(input_ids=torch.tensor([ids])).logits, engine.yes_ids, engine.no_ids)
+            ref.append(float(py / (py + pn)))
+    assert abs(got - ref).max() < 1e-5
+    assert abs(_engine(backend="hf").yes_probability(msgs, prefills) - ref).max() < 1e-5
+
+
+def test_stop_strings_end_rows_inside_the_engine(engine):
+    sampling = SamplingConfig(max_new_tokens=40, temperature=1.0, top_p=1.0)
+    msgs, seeds = [_msgs(t) for t in ROWS[:2]], [21, 22]
+    full = engine.generate(msgs, seeds, sampling)
+    stop = full[0].text[len(full[0].text) // 3:][:3]  # a string row 0 writes about a third of the way in
+    assert stop.strip() and stop not in full[0].text[:len(full[0].text) // 3]
+    e = _engine(sync_every=2)
+    cut = e.generate(msgs, seeds, sampling, stop=(stop,))
+    assert cut[0].finish_reason == "stop" and cut[0].text == full[0].text[:full[0].text.index(stop)].strip()
+    assert cut[0].n_tokens < full[0].n_tokens
+    # the row stopped decoding within a check or two of its stop string, not at its 40-token limit
+    assert e.stats["sampled_tokens"] - cut[1].n_tokens <= cut[0].n_tokens + 2 * 2 + 4
+    assert e.generate(msgs[:1], seeds[:1], sampling, stop=(stop,)) == cut[:1]  # and alone it is the same row
+
+
+def test_bad_rows_are_named():
+    e = _engine()
+    with pytest.raises(ValueError, match="3 message lists but 2 seeds"):
+        e.generate([_msgs("a")] * 3, [1, 2], SamplingConfig())
+    with pytest.raises(ValueError, match="row 1: token limit -1"):
+        e.generate([_msgs("a")] * 2, [1, 2], SamplingConfig(), max_new_tokens=[3, -1])
+
+
+def test_graph_replay_loop_with_a_stand_in_graph(monkeypatch):
+    """CUDA graphs cannot be captured on CPU. A stand-in graph that re-runs what would be
+    captured checks the replay loop over many KV-length buckets and the fallback to a
+    forward-only graph (sampling eagerly) when the whole step cannot be captured."""
+    from vpo_ray.pipeline import decoder
+
+    class StandInGraph:
+        def __init__(self, fn):
+            self.replay = fn
+
+    def capture(self, kv_len, full):
+        for _ in range(2):  # warm-up as the real capture does it
+            logits = self._forward(kv_len)
+            if full:
+                self._advance(logits)
+        if full:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        buf = self._forward(kv_len)
+        return decoder._Graph(StandInGraph(lambda: buf.copy_(self._forward(kv_len))), buf)
+
+    real_init = decoder.DecodeBatch.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.use_graphs = True
+
+    sampling = SamplingConfig(max_new_tokens=12, temperature=0.9, top_p=0.95)
+    msgs, seeds = [_msgs(t) for t in ROWS], [1, 2, 3, 4, 5]
+    eager = _engine(max_batch_rows=2, sync_every=3, kv_bucket=4).generate(msgs, seeds, sampling)
+    monkeypatch.setattr(decoder.DecodeBatch, "_capture", capture)
+    monkeypatch.setattr(decoder.DecodeBatch, "__init__", init)
+    e = _engine(max_batch_rows=2, sync_every=3, kv_bucket=4)
+    assert e.generate(msgs, seeds, sampling) == eager
+    assert e.stats["graph_mode"] == "forward" and e.stats["graphs"] >= 1
+
+
+@pytest.mark.slow
+def test_compiled_step_generates_what_the_eager_step_does():
+    """torch.compile of the step pieces (inductor's CPU back-end here; Triton on GPU)."""
+    sampling = SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=0.9)
+    msgs, seeds = [_msgs(t) for t in ROWS[:3]], [1, 2, 3]
+    assert _engine(compile=True).generate(msgs, seeds, sampling) == _engine().generate(msgs, seeds, sampling)

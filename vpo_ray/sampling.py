@@ -1,10 +1,18 @@
-"""Seeded per-row sampling for batched `generate` (pipeline stages and the served optimizer), and the
+"""Seeded per-row sampling for batched generation (pipeline engine, HF `generate`, serve), and the
 per-row forced lengths that weights=random runs end their rows at (vpo_ray/models/random_weights.py).
 
-Each output row draws from its own torch.Generator, so a row's text depends only on its
-seed and prompt, never on which other rows shared the batch: reruns after a killed
-actor reproduce the same content, and a seeded request gives the same answer alone or
-batched. Rows with temperature 0 stay greedy.
+Every row draws its uniforms from a counter-based generator: u = hash(row seed, step),
+where `step` is how many tokens the row has generated so far. Nothing is stateful and
+nothing loops over rows, so one sampling call is a handful of tensor ops over the whole
+batch: it runs at batch 256 without a Python loop, fits inside a captured CUDA graph or a
+`torch.compile` region, and a row's draw depends only on (seed, step), never on which
+other rows share the batch or in which order they were admitted. Rows with temperature 0
+stay greedy.
+
+The hash is "lowbias32" (Chris Wellons' integer hash) applied three times to
+(step, low 32 bits of the seed, high 31 bits of the seed), computed in int64 tensors with
+32-bit products split so that no intermediate overflows int64: the same bits on CPU, on
+CUDA and in inductor-generated code. The top 24 bits give a float32 uniform in [0, 1).
 """
 from __future__ import annotations
 
@@ -21,46 +29,85 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[:cut]
 
 
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x, c: int):
+    """(x * c) mod 2**32 for int64 tensors 0 <= x < 2**32, with every product below 2**49."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _MASK32
+
+
+def _hash32(x):
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def row_uniforms(seeds, steps):
+    """float32 uniforms in [0, 1), one per row, from int64 tensors `seeds` (>= 0) and `steps` (>= 0)."""
+    import torch
+
+    lo = seeds & _MASK32
+    hi = (seeds >> 32) & _MASK32
+    h = _hash32(_hash32(_hash32(steps & _MASK32) ^ lo) ^ hi)
+    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def sample_rows(logits, temperatures, top_ps, seeds, steps):
+    """One token id per row: temperature + nucleus (top-p) sampling by inverse CDF over the
+    probabilities sorted high to low, with the row's counter-based uniform; greedy where the
+    temperature is 0.
+
+    logits (B, V) any float dtype; temperatures, top_ps (B,) float32; seeds, steps (B,) int64.
+    A token stays in the nucleus while the mass ranked strictly above it is < top_p (so at
+    least one token always stays). Ties keep vocabulary order (stable sort).
+    """
+    import torch
+
+    greedy = logits.argmax(dim=-1)
+    scaled = logits.float() / temperatures.clamp_min(1e-6)[:, None]
+    probs = torch.softmax(scaled, dim=-1)
+    sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    cum = torch.cumsum(sorted_p, dim=-1)
+    sorted_p = torch.where(cum - sorted_p < top_ps[:, None], sorted_p, torch.zeros_like(sorted_p))
+    cum = torch.cumsum(sorted_p, dim=-1)
+    target = row_uniforms(seeds, steps) * cum[:, -1]
+    # right=True: the first index whose cumulative mass exceeds the target, never a zero-mass token
+    pick = torch.searchsorted(cum, target[:, None], right=True).clamp_(max=cum.shape[-1] - 1)
+    chosen = order.gather(-1, pick).squeeze(-1)
+    return torch.where(temperatures > 0, chosen, greedy)
+
+
 def row_sampler_class():
     import torch
     from transformers import LogitsProcessor
 
     class RowSampler(LogitsProcessor):
-        """Per-row temperature/top-p sampling with a per-row torch.Generator.
+        """Per-row temperature/top-p sampling for `model.generate(do_sample=False, ...)`.
 
-        `generate` runs greedy (do_sample=False); this processor, applied last, turns each
-        sampled row's scores into a one-hot choice drawn from that row's own generator, so
-        greedy picks exactly the sampled token. Rows with temperature 0 stay greedy.
+        `generate` runs greedy; this processor, applied last, turns each row's scores into a
+        one-hot choice made by `sample_rows` with the row's seed and step (tokens generated
+        so far), so greedy picks exactly the sampled token. The LLM engine's own decode loop
+        calls `sample_rows` with the same (seed, step), so both paths draw the same uniforms.
         """
 
         def __init__(self, temperatures: list[float], top_ps: list[float], seeds: list[int], device):
-            self.temps = temperatures
-            self.top_ps = top_ps
-            self.gens = []
-            for s in seeds:
-                g = torch.Generator(device=device)
-                g.manual_seed(int(s))
-                self.gens.append(g)
+            self.temps = torch.tensor(temperatures, dtype=torch.float32, device=device)
+            self.top_ps = torch.tensor(top_ps, dtype=torch.float32, device=device)
+            self.seeds = torch.tensor([int(s) & ((1 << 63) - 1) for s in seeds], dtype=torch.int64, device=device)
+            self.prompt_len = None
 
         def __call__(self, input_ids, scores):
-            rows = [i for i, t in enumerate(self.temps) if t > 0]
-            if not rows:
-                return scores
-            idx = torch.tensor(rows, device=scores.device)
-            temps = torch.tensor([self.temps[i] for i in rows], device=scores.device, dtype=torch.float32)
-            logits = scores[idx].float() / temps[:, None]
-            probs = torch.softmax(logits, dim=-1)
-            sorted_p, order = torch.sort(probs, dim=-1, descending=True)
-            cum = torch.cumsum(sorted_p, dim=-1)
-            top_p = torch.tensor([self.top_ps[i] for i in rows], device=scores.device)[:, None]
-            sorted_p = torch.where(cum - sorted_p >= top_p, torch.zeros_like(sorted_p), sorted_p)  # keep >= 1 token
-            cum = torch.cumsum(sorted_p, dim=-1)
-            u = torch.stack([torch.rand((), generator=self.gens[i], device=scores.device) for i in rows])
-            pick = torch.searchsorted(cum, (u * cum[:, -1])[:, None]).clamp_(max=cum.shape[-1] - 1)
-            chosen = order.gather(-1, pick).squeeze(-1)
-            out = scores.clone()
-            out[idx] = float("-inf")
-            out[idx, chosen] = 0.0
+            if self.prompt_len is None:  # first call: nothing generated yet
+                self.prompt_len = input_ids.shape[1]
+            steps = torch.full_like(self.seeds, input_ids.shape[1] - self.prompt_len)
+            chosen = sample_rows(scores, self.temps.to(scores.device), self.top_ps.to(scores.device),
+                                 self.seeds.to(scores.device), steps.to(scores.device))
+            out = torch.full_like(scores, float("-inf"))
+            out.scatter_(1, chosen[:, None], 0.0)
             return out
 
     return RowSampler

@@ -1,7 +1,7 @@
 """LLM stages: the optimizer that rewrites queries, the judge that critiques and refines.
 
-One `LLMEngine` per actor loads the model once and serves batched, left-padded
-`generate` calls. Sampling is seeded per output row (vpo_ray.sampling), so a row's
+One `LLMEngine` (vpo_ray.pipeline.llm_engine) per actor loads the model once and serves
+batched `generate` calls. Sampling is seeded per output row (vpo_ray.sampling), so a row's
 text depends only on (seed, query_id, sample_idx) and not on which other rows shared
 its batch: a rerun after a killed actor reproduces the same content.
 
@@ -15,15 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
 from vpo_ray import prompts
 from vpo_ray.config import JudgeEndpointConfig, SamplingConfig
 from vpo_ray.models import random_weights
-from vpo_ray.sampling import cut_at_stop, forced_length, row_sampler
+from vpo_ray.pipeline.llm_engine import Completion, LLMEngine  # noqa: F401 - the stages' engine, re-exported
 from vpo_ray.schema import Judgement
 
 log = logging.getLogger(__name__)
@@ -35,107 +34,6 @@ def row_seed(seed: int, *keys: Any) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
-@dataclass(frozen=True)
-class Completion:
-    """One generated row: its text (cut at the first stop string), why it ended, its length.
-
-    finish_reason is "stop" when the model ended it (EOS or a stop string) and "length"
-    when it ran into its token limit: callers turn a cut rewrite or critique into an
-    error row instead of using it as if it were complete.
-    """
-    text: str
-    finish_reason: str  # "stop" | "length"
-    n_tokens: int  # generated tokens up to (not counting) EOS
-
-
-class LLMEngine:
-    """A causal LM loaded once; batched generation and forced-choice scoring."""
-
-    def __init__(self, model: str, device: Optional[str] = None, dtype: Optional[str] = None,
-                 max_input_tokens: int = 1536):
-        import torch
-        from vpo_ray.models.registry import load_causal_lm, yes_no_token_ids
-
-        self.torch = torch
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, self.tok = load_causal_lm(model, device=self.device, dtype=dtype)
-        self.model.eval()
-        self.model_name = str(model)
-        self.yes_ids, self.no_ids = yes_no_token_ids(self.tok)
-        self.max_input_tokens = max_input_tokens
-        # weights=random: the output model rows end by (vpo_ray/models/random_weights.py); None = real weights
-        self.random_outputs = random_weights.outputs_of(self.model)
-
-    def _encode(self, messages_list: Sequence[list], prefills: Optional[Sequence[str]] = None):
-        texts = []
-        for i, msgs in enumerate(messages_list):
-            t = self.tok.apply_chat_template(list(msgs), tokenize=False, add_generation_prompt=True)
-            texts.append(t + (prefills[i] if prefills else ""))
-        self.tok.truncation_side = "left"  # keep the end of the prompt: the question being asked
-        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False,
-                       truncation=True, max_length=self.max_input_tokens)
-        return {k: v.to(self.device) for k, v in enc.items()}
-
-    def generate(self, messages_list: Sequence[list], row_seeds: Sequence[int], sampling: SamplingConfig,
-                 prefills: Optional[Sequence[str]] = None, stop: Sequence[str] = (),
-                 max_new_tokens: Optional[Sequence[int]] = None,
-                 forced_lengths: Optional[Sequence[int]] = None) -> list[Completion]:
-        """One completion per message list; row i is sampled with generator seeded row_seeds[i].
-
-        `max_new_tokens` (per row) lowers a row's limit below `sampling.max_new_tokens`.
-        `forced_lengths` (per row; weights=random, whose models never stop on their own): row
-        i ends after exactly forced_lengths[i] tokens as a natural stop (EOS is masked before
-        and forced there; finish_reason "stop", n_tokens == forced_lengths[i]), unless its
-        limit comes first ("length"). Stop strings still cut the text.
-        """
-        torch = self.torch
-        if not messages_list:
-            return []
-        limits = [min(int(m), sampling.max_new_tokens) for m in max_new_tokens] if max_new_tokens is not None \
-            else [sampling.max_new_tokens] * len(messages_list)
-        enc = self._encode(messages_list, prefills)
-        processors = []
-        if forced_lengths is not None:
-            processors.append(forced_length(forced_lengths, limits, enc["input_ids"].shape[1], self.tok.eos_token_id))
-        kwargs: dict = dict(max_new_tokens=max(limits), do_sample=False, num_beams=1,
-                            pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id,
-                            temperature=None, top_p=None, top_k=None)  # sampling is the row sampler's job
-        if len(set(limits)) > 1:
-            processors.append(row_length_limit(limits, enc["input_ids"].shape[1], self.tok.eos_token_id))
-        if sampling.temperature > 0:
-            n = len(row_seeds)
-            processors.append(row_sampler([sampling.temperature] * n, [sampling.top_p] * n, list(row_seeds),
-                                          self.device))
-        if processors:
-            kwargs["logits_processor"] = processors
-        with torch.inference_mode():
-            out = self.model.generate(**enc, **kwargs)
-        return [self._completion(row, limit, stop) for row, limit in zip(out[:, enc["input_ids"].shape[1]:], limits)]
-
-    def _completion(self, ids, limit: int, stop: Sequence[str]) -> Completion:
-        ids = ids.tolist()
-        eos = self.tok.eos_token_id
-        eos_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
-        end = next((k for k, t in enumerate(ids) if t in eos_ids), None)
-        n = len(ids) if end is None else end
-        n = min(n, limit)  # an EOS at position `limit` is the row limit's, not the model's
-        raw = self.tok.decode(ids[:n], skip_special_tokens=True)
-        text = cut_at_stop(raw, stop)
-        ended = (end is not None and end < limit) or len(text) < len(raw)
-        return Completion(text=text.strip(), finish_reason="stop" if ended else "length", n_tokens=n)
-
-    def yes_probability(self, messages_list: Sequence[list], prefills: Sequence[str]) -> np.ndarray:
-        """P(Yes) / (P(Yes) + P(No)) of the next token after each prefill."""
-        torch = self.torch
-        enc = self._encode(messages_list, prefills)
-        with torch.inference_mode():
-            logits = self.model(**enc).logits[:, -1, :].float()
-        probs = logits.softmax(-1)
-        p_yes = probs[:, self.yes_ids].sum(-1)
-        p_no = probs[:, self.no_ids].sum(-1)
-        return (p_yes / (p_yes + p_no).clamp_min(1e-12)).cpu().numpy()
-
-
 _ENGINES: dict = {}
 
 
@@ -145,27 +43,6 @@ def shared_engine(model: Any, device: Optional[str] = None) -> LLMEngine:
     if key not in _ENGINES:
         _ENGINES[key] = LLMEngine(model, device=device)
     return _ENGINES[key]
-
-
-def row_length_limit(limits: Sequence[int], prompt_len: int, eos_token_id):
-    """A logits processor that ends row i (forces EOS) once it has generated limits[i] tokens."""
-    import torch
-    from transformers import LogitsProcessor
-
-    eos = eos_token_id[0] if isinstance(eos_token_id, (list, tuple)) else eos_token_id
-
-    class RowLengthLimit(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            done = torch.tensor([input_ids.shape[1] - prompt_len >= n for n in limits], device=scores.device)
-            if done.any():
-                scores = scores.clone()
-                scores[done] = float("-inf")
-                scores[done, eos] = 0.0
-            return scores
-
-    return RowLengthLimit()
-
-
 
 
 # ---------------------------------------------------------------------------- rewrite stage
