@@ -485,6 +485,28 @@ def _video_patches(ip, frames) -> tuple[Any, list[int]]:
     return x, [gt, gh, gw]
 
 
+def video_patches(processor: VideoJudgeProcessor, frames) -> tuple[Any, list[int]]:
+    """One video's pixel patches and [grid_t, grid_h, grid_w], computed once per video."""
+    return _video_patches(processor.image_processor, frames)
+
+
+def video_judge_chat_ids(processor: VideoJudgeProcessor, question: str, grid: Sequence[int],
+                         template: Optional[str] = "default") -> list[int]:
+    """Token ids of the user turn asking `question` about a video of patch grid `grid` (open assistant turn)."""
+    from vpo_ray import prompts
+
+    if template == "default":
+        template = prompts.VIDEO_JUDGE_TEMPLATE
+    text = template.format(question=question) if template else question
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]
+    chat = processor.apply_chat_template(messages, add_generation_prompt=True)
+    if chat.count(processor.video_token) != 1:
+        raise ValueError(f"chat template rendered {chat.count(processor.video_token)} video placeholders, expected 1")
+    n_tokens = grid[0] * grid[1] * grid[2] // (int(processor.image_processor.merge_size) ** 2)
+    chat = chat.replace(processor.video_token, processor.video_token * n_tokens)
+    return list(processor.tokenizer(chat, add_special_tokens=False)["input_ids"])
+
+
 def video_judge_batch_inputs(processor: VideoJudgeProcessor, items: Sequence[tuple], *,
                              template: Optional[str] = "default", sample_fps: Optional[float] = None,
                              device: Any = None, dtype: Any = None) -> dict:
@@ -492,24 +514,13 @@ def video_judge_batch_inputs(processor: VideoJudgeProcessor, items: Sequence[tup
     import torch
     import transformers
 
-    from vpo_ray import prompts
-
-    if template == "default":
-        template = prompts.VIDEO_JUDGE_TEMPLATE
     tok, ip = processor.tokenizer, processor.image_processor
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     vid_id = processor.video_token_id
     seqs, pixels, grids = [], [], []
     for frames, question in items:
         patches, grid = _video_patches(ip, frames)
-        text = template.format(question=question) if template else question
-        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]
-        chat = processor.apply_chat_template(messages, add_generation_prompt=True)
-        if chat.count(processor.video_token) != 1:
-            raise ValueError(f"chat template rendered {chat.count(processor.video_token)} video placeholders, expected 1")
-        n_tokens = grid[0] * grid[1] * grid[2] // (int(ip.merge_size) ** 2)
-        chat = chat.replace(processor.video_token, processor.video_token * n_tokens)
-        seqs.append(tok(chat, add_special_tokens=False)["input_ids"])
+        seqs.append(video_judge_chat_ids(processor, question, grid, template))
         pixels.append(patches)
         grids.append(grid)
     width = max(len(s) for s in seqs)

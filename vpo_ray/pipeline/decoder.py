@@ -87,13 +87,15 @@ def attn_out_mlp(x, attn, wo, bo, ln_w, eps: float, wgu, bgu, wd, bd):
 
 
 def causal_attention(q, k, v):
-    """Prefill attention over right-padded rows (padding only ever follows real tokens)."""
-    try:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
-    except (RuntimeError, TypeError):  # a backend without GQA support: repeat K/V heads
-        rep = q.shape[1] // k.shape[1]
-        return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
-                                              is_causal=True)
+    """Prefill attention over right-padded rows (padding only ever follows real tokens).
+
+    K/V heads are repeated for GQA rather than passing enable_gqa: with plain causal
+    inputs every CUDA back-end (FlashAttention first) qualifies, and the copy is small
+    next to a prefill's matmuls."""
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
 def decode_attention(q, k_cache, v_cache, pos, kv_len: int):
@@ -151,13 +153,16 @@ def _param(t) -> Optional[torch.Tensor]:
 class DecoderWeights:
     """The tensors of an HF causal LM that the static decoder reads (fused where it pays)."""
 
-    def __init__(self, model):
-        reason = unsupported_reason(model)
-        if reason:
-            raise ValueError(f"static decoder: {reason}")
-        cfg = model.config
-        inner = model.model
-        self.model = model
+    def __init__(self, model, inner=None, config=None):
+        """`model`: an HF causal LM. For a VLM's language part pass `inner` (its text model:
+        embed_tokens, layers, norm, rotary_emb) and `config` (its text config); `model.lm_head` is the head."""
+        if inner is None:
+            reason = unsupported_reason(model)
+            if reason:
+                raise ValueError(f"static decoder: {reason}")
+        inner = inner if inner is not None else model.model
+        cfg = config if config is not None else model.config
+        self.model, self.inner = model, inner
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
@@ -186,7 +191,7 @@ class DecoderWeights:
         if length > self._rope_len:
             pos = torch.arange(length, device=self.device)[None]
             probe = torch.empty(1, 1, self.hidden, dtype=self.dtype, device=self.device)
-            cos, sin = self.model.model.rotary_emb(probe, pos)
+            cos, sin = self.inner.rotary_emb(probe, pos)
             self.cos, self.sin, self._rope_len = cos[0].contiguous(), sin[0].contiguous(), length
         return self.cos, self.sin
 
@@ -317,11 +322,11 @@ class DecodeBatch:
     def run(self, kv_len: int, n: int) -> None:
         """`n` decode steps with attention over cache positions [0, kv_len)."""
         self.steps_run += n
-        if not self.use_graphs:
+        entry = self._graph(kv_len) if self.use_graphs else None
+        if entry is None or entry.graph is None:
             for _ in range(n):
                 self._advance(self._forward(kv_len))
             return
-        entry = self._graph(kv_len)
         for _ in range(n):
             entry.graph.replay()
             if entry.logits is not None:
@@ -355,10 +360,11 @@ class DecodeBatch:
         w, f = self.w, self.fns
         x = F.embedding(self.tokens[:, None], w.embed)
         cos, sin = self.cos[self.pos][:, None], self.sin[self.pos][:, None]
+        where = self.pos[:, None, None, None].expand(self.slots, w.n_kv, 1, w.head_dim)  # each row's own position
         for i, lw in enumerate(w.layers):
             q, k, v = f.attn_in(x, lw.ln1, lw.eps, lw.wqkv, lw.bqkv, cos, sin, w.n_heads, w.n_kv, w.head_dim)
-            self.cache.k[i][self.rows, :, self.pos] = k[:, :, 0]
-            self.cache.v[i][self.rows, :, self.pos] = v[:, :, 0]
+            self.cache.k[i].scatter_(2, where, k)
+            self.cache.v[i].scatter_(2, where, v)
             o = decode_attention(q, self.cache.k[i], self.cache.v[i], self.pos, kv_len)
             x = f.attn_out_mlp(x, o, lw.wo, lw.bo, lw.ln2, lw.eps, lw.wgu, lw.bgu, lw.wd, lw.bd)
         return f.logits(x[:, 0], w.norm_w, w.norm_eps, w.lm_w, w.lm_b)
@@ -382,19 +388,23 @@ class DecodeBatch:
         entry = self.graphs.get(kv_len)
         if entry is not None:
             return entry
-        live = self.active.clone()
+        live, entry = self.active.clone(), None
         self.active.zero_()  # warm-up steps must not advance live rows (their cache writes land where the next step writes)
         try:
-            try:
-                entry = self._capture(kv_len, full=True)
-            except Exception as e:  # noqa: BLE001 - e.g. an op that syncs: keep the forward in the graph
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                log.warning("decode step could not be captured whole (%s: %s); sampling runs eagerly",
-                            type(e).__name__, e)
-                entry = self._capture(kv_len, full=False)
+            for full in (True, False):
+                try:
+                    entry = self._capture(kv_len, full=full)
+                    break
+                except Exception as e:  # noqa: BLE001 - e.g. an op that syncs during capture
+                    if torch.cuda.is_available():
+                        torch.cuda.synchronize()
+                    log.warning("decode step could not be captured %s (%s: %s)", "whole" if full else "at all",
+                                type(e).__name__, e)
         finally:
             self.active.copy_(live)
+        if entry is None:  # run eagerly from now on: slower, still correct
+            self.use_graphs = False
+            return _Graph(graph=None, logits=None)
         self.graphs[kv_len] = entry
         return entry
 

@@ -4,6 +4,9 @@ Frames are sampled from the mp4 with decord inside the actor (only the URI trave
 Each checklist question is answered by forced choice: P(Yes) vs P(No) of the next
 token. The video's score is the weighted sum of P(Yes) over the checklist; the
 boolean answers feed Pareto dominance in the pair rules.
+
+The model calls go through vpo_ray.pipeline.vlm_engine: every video of a batch is encoded
+once and its prompt prefix prefilled once; all its questions are answered from that prefix.
 """
 from __future__ import annotations
 
@@ -25,7 +28,9 @@ class VideoJudge:
 
     def __init__(self, model: str, checklist: list[dict], num_frames: int = 8, device: Optional[str] = None):
         import torch
+
         from vpo_ray.models.registry import load_video_judge, yes_no_token_ids
+        from vpo_ray.pipeline.vlm_engine import VideoQAEngine
 
         self.torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -37,22 +42,23 @@ class VideoJudge:
         self.num_frames = num_frames
         # weights=random: answers come from the output model (the forward passes still run at full size)
         self.random_outputs = random_weights.outputs_of(self.model)
+        self.engine = VideoQAEngine(self.model, self.yes_ids, self.no_ids, self.processor.video_token_id)
+
+    def questions(self, frames: np.ndarray, query: str):
+        from vpo_ray.pipeline.vlm_engine import build_questions
+
+        return build_questions(self.processor, list(frames), [c.question.format(query=query) for c in self.checklist])
 
     def answer(self, frames: np.ndarray, query: str) -> list[dict]:
-        from vpo_ray.models.registry import video_judge_inputs
+        return self.answer_many([self.questions(frames, query)])[0]
 
-        torch = self.torch
-        answers = []
-        for item in self.checklist:
-            inputs = video_judge_inputs(self.processor, list(frames), item.question.format(query=query))
-            inputs = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in inputs.items()}
-            with torch.inference_mode():
-                logits = self.model(**inputs).logits[:, -1, :].float()
-            probs = logits.softmax(-1)[0]
-            py, pn = float(probs[self.yes_ids].sum()), float(probs[self.no_ids].sum())
-            p = py / max(py + pn, 1e-12)
-            answers.append({"id": item.id, "answer": p >= 0.5, "p_yes": round(p, 6)})
-        return answers
+    def answer_many(self, videos: list) -> list[list[dict]]:
+        """Checklist answers for several videos (engine.VideoQuestions each) in one batched pass."""
+        out = []
+        for p_yes in self.engine.p_yes(videos):
+            out.append([{"id": c.id, "answer": bool(p >= 0.5), "p_yes": round(float(p), 6)}
+                        for c, p in zip(self.checklist, p_yes)])
+        return out
 
     def __call__(self, batch: dict) -> dict:
         from vpo_ray.video_io import read_frames
@@ -62,25 +68,40 @@ class VideoJudge:
         # Per-video failures go to `video_error`: one bad video does not fail its query.
         video_errors = list(batch["video_error"]) if "video_error" in batch else [""] * n
         weights = [c.weight for c in self.checklist]
+        answers = self._answer_rows(batch, video_errors, read_frames)
         for i in range(n):
-            if batch["error"][i] or video_errors[i] or not batch["video_uri"][i]:
-                checklists.append("[]")
-                scores.append(0.0)
-                continue
-            try:
-                frames = read_frames(str(batch["video_uri"][i]), self.num_frames)
-                ans = self.answer(frames, str(batch["text"][i]))
-                if self.random_outputs is not None:
-                    key = [batch[k][i] for k in ("query_id", "sample_idx", "seed") if k in batch]
-                    ans = random_weights.checklist_answers(self.random_outputs, key, ans)
-                checklists.append(json.dumps(ans))
-                scores.append(weighted_score([a["p_yes"] for a in ans], weights))
-            except Exception as e:  # one bad video must not sink the batch
-                checklists.append("[]")
-                scores.append(0.0)
-                video_errors[i] = f"video_judge: {type(e).__name__}: {e}"[:500]
+            ans = answers.get(i)
+            if ans and self.random_outputs is not None:
+                key = [batch[k][i] for k in ("query_id", "sample_idx", "seed") if k in batch]
+                ans = random_weights.checklist_answers(self.random_outputs, key, ans)
+            checklists.append(json.dumps(ans) if ans else "[]")
+            scores.append(weighted_score([a["p_yes"] for a in ans], weights) if ans else 0.0)
         out = dict(batch)
         out["checklist_json"] = np.array(checklists, dtype=object)
         out["score"] = np.array(scores, dtype=np.float64)
         out["video_error"] = np.array(video_errors, dtype=object)
         return out
+
+    def _answer_rows(self, batch: dict, video_errors: list, read_frames) -> dict:
+        """{row: answers} for the rows with a readable video; a bad video gets its own error and
+        does not sink the batch (if the batched pass fails, each video is retried alone)."""
+        ready = {}
+        for i in range(len(batch["query_id"])):
+            if batch["error"][i] or video_errors[i] or not batch["video_uri"][i]:
+                continue
+            try:
+                ready[i] = self.questions(read_frames(str(batch["video_uri"][i]), self.num_frames), str(batch["text"][i]))
+            except Exception as e:  # noqa: BLE001
+                video_errors[i] = f"video_judge: {type(e).__name__}: {e}"[:500]
+        if not ready:
+            return {}
+        try:
+            return dict(zip(ready, self.answer_many(list(ready.values()))))
+        except Exception:  # noqa: BLE001 - find the video at fault
+            out = {}
+            for i, videos in ready.items():
+                try:
+                    out[i] = self.answer_many([videos])[0]
+                except Exception as e:  # noqa: BLE001
+                    video_errors[i] = f"video_judge: {type(e).__name__}: {e}"[:500]
+            return out
