@@ -79,13 +79,31 @@ def test_video_sampling_scaling_tiny(ray_session, tiny_cache, tmp_path, capsys):
 
 
 def test_llm_stages_tiny(tiny_cache, tmp_path, capsys):
-    rec = _bench(capsys, "llm-stages", "--preset", "tiny", "--out", str(tmp_path), "llm.prompts=4",
-                 "llm.batch_size=2", "llm.max_new_tokens=4", "llm.prompt_tokens=[12,30]")
+    rec = _bench(capsys, "llm-stages", "--preset", "tiny", "--out", str(tmp_path), "llm.rows=6", "llm.batch_size=4",
+                 "llm.prompt_tokens=[12,30]", "llm.new_tokens=[3,8]", "llm.baseline_rows=2", "llm.baseline_batch=2",
+                 "llm.baseline_new_tokens=4", "llm.ablation_rows=4", "llm.stage_rows=3", "llm.verdict_rows=5",
+                 "llm.verdict_tokens=[20,40]", "llm.verdict_baseline_rows=3", "llm.invariance_rows=2",
+                 "llm.vlm_videos=2", "llm.vlm_baseline_videos=1", "llm.vlm_questions=3",
+                 "llm.phases=[engine,verdict,baseline,vlm,stages,invariance,ablations]")
     m = rec["models"]["tiny-optimizer"]
-    for mode, bs in (("naive", 1), ("batched", 2)):
-        assert m[mode]["batch_size"] == bs
-        assert m[mode]["rewrite_tokens_per_s"] > 0 and m[mode]["judge_prompt_tokens_per_s"] > 0
-    assert m["prompts"] == 4 and 4 * 12 <= m["prompt_tokens"] <= 4 * 30
+    eng = m["engine"]
+    assert eng["backend"] == "static" and eng["rows"] == 6 and eng["slots"] == 4  # 6 rows through 4 slots: refills
+    assert eng["tok_s"] > 0 and eng["decode_steps"] > 0 and 0 < eng["live_rows_per_step"] <= 4
+    assert 3 * 6 <= eng["generated_tokens"] <= 8 * 6  # forced lengths in [3, 8] (fewer only if EOS came first)
+    assert m["baseline"]["backend"] == "hf" and m["baseline"]["slots"] == 2
+    v = m["verdict"]
+    assert v["bucketed_prefill"]["rows"] == 5 and v["old_path_b8_full_logits"]["rows"] == 3
+    assert v["max_abs_p_yes_difference"] < 1e-5  # the bucketed prefill reads the old path's P(yes)
+    assert m["invariance"]["rows_identical"] == m["invariance"]["rows"] == 2  # CPU: batching changes no token
+    assert set(m["stages"]) == {"critique", "refine"} and all(s["tok_s"] > 0 for s in m["stages"].values())
+    assert set(m["ablations"]) == {"hf-generate-b64", "static-eager", "graphs-waves", "graphs-continuous",
+                                   "graphs-continuous-64-slots", "graphs-continuous-no-kv-buckets"}
+    vlm = rec["vlm"]["tiny-video-judge"]
+    assert vlm["prefix_reuse"]["videos_per_s"] > 0 and vlm["questions"] == 3
+    assert vlm["hf_per_question"]["max_abs_p_yes_vs_prefix_reuse"] < 1e-5
+    variants = {(r["stage"], r["variant"]) for r in rec["table"]}
+    assert {("rewrite", "hf-generate-b2"), ("rewrite", "engine"), ("verdict", "bucketed_prefill"),
+            ("video judge", "prefix_reuse")} <= variants
     _strict_load(tmp_path / "llm_stages_tiny.json")
     _png_ok(rec["png"])
 

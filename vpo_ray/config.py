@@ -463,14 +463,46 @@ class BenchVideoConfig:
     fps: Optional[int] = None
 
 
+LLM_BENCH_PHASES = ("engine", "verdict", "baseline", "vlm", "stages", "invariance", "ablations", "compile")
+
+
 @dataclass(frozen=True)
 class BenchLLMConfig:
-    """`vpo bench llm-stages`: rewrite/judge generation, one prompt at a time vs left-padded batches."""
-    models: tuple[str, ...] = ("qwen2.5-1.5b-instruct", "llama3-8b-instruct")  # architectures, random weights
-    prompts: int = 16  # prompts per mode
-    batch_size: int = 8  # batched mode
-    prompt_tokens: tuple[int, ...] = (180, 420)  # uniform range of prompt lengths (template + query)
-    max_new_tokens: int = 128  # every sequence generates exactly this many (EOS ignored)
+    """`vpo bench llm-stages`: the LLM engine (rewrite/critique/refine decode, verdict prefill) and the VLM judge."""
+    models: tuple[str, ...] = ("llama3-8b-instruct",)  # LLM architectures, random weights
+    vlm_models: tuple[str, ...] = ("qwen2-vl-7b-instruct",)  # video judge architectures, random weights
+    phases: tuple[str, ...] = LLM_BENCH_PHASES  # run in this order: a cut-off run keeps the first ones
+    rows: int = 512  # rewrite rows through the engine (engine phase)
+    batch_size: int = 256  # engine slots: rows decoded at once
+    prompt_tokens: tuple[int, ...] = (180, 420)  # rewrite prompt lengths (template + query), uniform
+    new_tokens: tuple[int, ...] = (96, 256)  # forced output lengths, uniform: random weights rarely emit EOS
+    temperature: float = 0.9  # the rewrite stage's sampling
+    top_p: float = 0.95
+    baseline_rows: int = 16  # rows through today's path (left-padded HF generate), slow
+    baseline_batch: int = 8  # today's rewrite batch
+    baseline_new_tokens: int = 128  # tokens per baseline row
+    ablation_rows: int = 256  # rows of each ablation variant (one workload for all of them)
+    stage_rows: int = 256  # rows of the critique and refine shapes (stages phase)
+    verdict_rows: int = 256  # judge prompts (prompt + reasoning + answer prefix), one prefill each
+    verdict_tokens: tuple[int, ...] = (450, 900)  # their lengths, uniform
+    verdict_baseline_rows: int = 64  # the old verdict path (left-padded batches, full logits) on a subset
+    invariance_rows: int = 8  # rows generated alone and compared with the same rows in the big batch
+    vlm_videos: int = 16  # videos judged per VLM variant
+    vlm_baseline_videos: int = 4  # videos through the plain per-question HF forward
+    vlm_questions: int = 8  # checklist questions per video
+    vlm_frames: int = 8  # sampled frames per video
+    vlm_video_size: tuple[int, ...] = (480, 720)  # frame height, width before the processor's resize (CogVideoX)
+
+    def __post_init__(self) -> None:
+        for p in self.phases:
+            if p not in LLM_BENCH_PHASES:
+                raise ConfigError(f"llm.phases: unknown phase {p!r} (known: {', '.join(LLM_BENCH_PHASES)})")
+        for key in ("prompt_tokens", "new_tokens", "verdict_tokens"):
+            v = getattr(self, key)
+            if len(v) != 2 or v[0] < 1 or v[0] > v[1]:
+                raise ConfigError(f"llm.{key}: expected [low, high] with 1 <= low <= high, got {list(v)}")
+        if len(self.vlm_video_size) != 2 or min(self.vlm_video_size) < 28:
+            raise ConfigError(f"llm.vlm_video_size: expected [height, width] >= 28, got {list(self.vlm_video_size)}")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """`vpo bench video-sampling|llm-stages|train-step|video-dpo-step|pipeline`: print one JSON record, write it and a PNG under --out.
 
     vpo bench video-sampling --preset cogvideox-2b --out runs/bench --videos 3 baseline=[vae-tiling]
-    vpo bench llm-stages --preset tiny --out runs/bench llm.prompts=4
+    vpo bench llm-stages --preset tiny --out runs/bench llm.rows=4 llm.phases=[engine,verdict]
     vpo bench train-step --preset tiny --out runs/bench train.steps=2
     vpo bench video-dpo-step --preset cogvideox-2b --out runs/bench workers=[1,4]
     vpo bench pipeline --preset paper --out runs/bench pipeline.limit=20 pipeline.queries=PATH

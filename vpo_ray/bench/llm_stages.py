@@ -1,24 +1,41 @@
-"""`vpo bench llm-stages`: rewrite (generate) and judge (prefill + Yes/No) throughput of the LLM stages.
+"""`vpo bench llm-stages`: the LLM stages (rewrite, critique, refine, verdict) and the VLM judge.
 
-For each model in `llm.models` (real architectures with random weights; `--preset tiny`
-uses the tiny optimizer instead), prompts of random token ids with lengths drawn from
-`llm.prompt_tokens` are run two ways:
+Real architectures with random weights (`--preset tiny`: the tiny models, CPU). Prompts are
+random token ids; output lengths are forced per row (uniform in `llm.new_tokens`), because
+random weights almost never emit EOS and real rewrites end at different lengths, which is
+what continuous batching is for. Phases run in `llm.phases` order and the record is written
+after each one, so a run cut off by its time limit keeps what it measured:
 
-  naive    one prompt per `generate` call (what a per-row UDF does)
-  batched  `llm.batch_size` prompts per call, left-padded with an attention mask (what the
-           Rewriter/Critic actors do)
+  engine      rewrite through the engine as the pipeline runs it (static KV cache, CUDA graphs,
+              continuous batching, `llm.batch_size` slots): generated tok/s, decode bandwidth
+  verdict     the judge's forced-choice verdict as a bucketed prefill, and the old path
+              (left-padded batches of 8, full logits) on a subset: prompt tok/s, MFU
+  baseline    today's rewrite path: left-padded HF `generate`, `llm.baseline_batch` rows a call
+  vlm         vpo_ray.bench.vlm_judge: videos judged per second (prefix reuse vs not vs plain HF)
+  stages      critique and refine shapes through the engine
+  invariance  rows generated alone vs in the engine batch: how often bf16 batching changes a token
+  ablations   one workload, one change at a time: HF generate at batch 64, eager static loop,
+              + CUDA graphs in waves, + continuous batching, 64 slots, no KV-length buckets
+  compile     + torch.compile of the step pieces
 
-Rewrite: every sequence generates exactly `llm.max_new_tokens` tokens (EOS ignored), so the
-modes do the same work; generated tokens/s. Judge: one forward over the prompt (the judge
-reads P(Yes) at the last position); prompt tokens/s. Warm-up calls are excluded.
+Figures (vpo_ray.bench.llm_figures): generated tok/s = returned tokens / wall time of the
+call (prefill, decode and host checks included); decode bandwidth = (weight bytes + live
+K/V bytes read) per step / step time, against the datasheet and a measured copy bandwidth;
+prefill MFU = (2 x matmul params x tokens + causal attention + LM head at the last token)
+/ time, against the datasheet peak and the measured bf16 matmul rate. Warm-up calls
+(graph capture, compile) run first and are excluded.
 """
 from __future__ import annotations
 
 import dataclasses
 import time
 
-from vpo_ray.bench import common
-from vpo_ray.config import BenchConfig
+from vpo_ray.bench import common, llm_figures
+from vpo_ray.config import BenchConfig, LLMEngineConfig
+
+# Prompt and output lengths (tokens, uniform ranges) of the judge's two decode stages.
+STAGE_SHAPES = {"critique": ((450, 650), (150, 350)),  # judge template + query + prompt -> reasoning
+                "refine": ((550, 800), (100, 250))}  # + the judge's reasons -> refined prompt
 
 
 def load_llm(name: str, device: str, dtype: str):
@@ -42,106 +59,177 @@ def load_llm(name: str, device: str, dtype: str):
     return model.eval(), model.config.vocab_size
 
 
-def _prompts(n: int, lengths: tuple, vocab: int, seed: int = 0) -> list:
-    import torch
+def workload(n: int, prompt_tokens, new_tokens, vocab: int, seed: int) -> tuple[list, list]:
+    """(prompts, forced output lengths): random ids in [10, vocab - 300) (clear of special tokens)."""
+    import random
 
-    g = torch.Generator().manual_seed(seed)
-    lo, hi = lengths[0], lengths[-1]
-    sizes = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
-    return [torch.randint(10, vocab - 1, (s,), generator=g) for s in sizes]
-
-
-def _left_pad(batch: list, pad_id: int, device: str):
-    import torch
-
-    width = max(len(x) for x in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, x in enumerate(batch):
-        ids[i, width - len(x):] = x
-        mask[i, width - len(x):] = 1
-    return ids.to(device), mask.to(device)
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(10, max(11, vocab - 300)) for _ in range(rng.randint(*prompt_tokens))] for _ in range(n)]
+    return prompts, [rng.randint(*new_tokens) for _ in range(n)]
 
 
-def _generate(model, batch: list, new_tokens: int, device: str) -> None:
-    import torch
+class LLMBench:
+    """One model loaded at a time; each phase adds its figures to the record."""
 
-    ids, mask = _left_pad(batch, 0, device)
-    with torch.inference_mode():
-        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                       do_sample=False, eos_token_id=None, pad_token_id=0)
+    def __init__(self, cfg: BenchConfig, device: str, dtype: str, rec: dict):
+        self.cfg, self.lc, self.device, self.dtype, self.rec = cfg, cfg.llm, device, dtype, rec
+        self.loaded = (None, None, 0)
+        self.engine_rows = {}  # model -> first rows' ids from the engine phase (invariance compares them)
 
+    def model(self, name: str):
+        if self.loaded[0] != name:
+            self.loaded = (None, None, 0)
+            common.free_memory(self.device)
+            t0 = time.perf_counter()
+            model, vocab = load_llm(name, self.device, self.dtype)
+            self.loaded = (name, model, vocab)
+            self.rec["models"].setdefault(name, {}).update(
+                params_b=round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
+                load_s=round(time.perf_counter() - t0, 1))
+        return self.loaded[1], self.loaded[2]
 
-def _prefill(model, batch: list, device: str) -> None:
-    import torch
+    def engine(self, name: str, **cfg):
+        from vpo_ray.pipeline.llm_engine import LLMEngine
 
-    ids, mask = _left_pad(batch, 0, device)
-    with torch.inference_mode():
-        model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+        model, _ = self.model(name)
+        base = {"max_batch_rows": self.lc.batch_size}
+        return LLMEngine(model, device=self.device, config=LLMEngineConfig(**{**base, **cfg}))
 
+    def decode(self, name: str, label: str, prompts: list, lengths: list, warmup: bool = True, **cfg) -> dict:
+        """One timed generate call (after a short warm-up call of the same engine) and its figures."""
+        import torch
 
-def _timed(fn, prompts: list, batch_size: int, device: str) -> float:
-    fn(prompts[:batch_size])  # warm-up (kernels, allocator), excluded
-    common.sync(device)
-    t0 = time.perf_counter()
-    for i in range(0, len(prompts), batch_size):
-        fn(prompts[i:i + batch_size])
-    common.sync(device)
-    return time.perf_counter() - t0
+        eng = self.engine(name, **cfg)
+        n = len(prompts)
+        temps, tops = [self.lc.temperature] * n, [self.lc.top_p] * n
+        seeds = list(range(1000, 1000 + n))
+        if warmup:  # capture graphs / compile on the slot count the timed call uses
+            k = min(n, eng.cfg.max_batch_rows)
+            eng.generate_ids(prompts[:k], seeds[:k], temps[:k], tops[:k], [8] * k, forced=[True] * k)
+        common.sync(self.device)
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        outs = eng.generate_ids(prompts, seeds, temps, tops, lengths, forced=[True] * n)
+        common.sync(self.device)
+        wall = time.perf_counter() - t0
+        fig = llm_figures.decode_figures(eng, outs, wall, self.rec.get("ceilings") or {}, self.device)
+        fig.update(variant=label, rows=n, config={k: v for k, v in cfg.items()})
+        fig.update(common.peak_memory(self.device))
+        eng.release()
+        self._last_outs = outs
+        return fig
 
+    # ------------------------------------------------------------------ phases
 
-def bench_model(name: str, cfg: BenchConfig, device: str, dtype: str) -> dict:
-    lc = cfg.llm
-    common.free_memory(device)
-    t0 = time.perf_counter()
-    model, vocab = load_llm(name, device, dtype)
-    load_s = time.perf_counter() - t0
-    prompts = _prompts(lc.prompts, tuple(lc.prompt_tokens), vocab)
-    prompt_tokens = sum(len(p) for p in prompts)
-    gen_tokens = lc.max_new_tokens * len(prompts)
-    out = {"params_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 3), "load_s": round(load_s, 1),
-           "prompts": len(prompts), "prompt_tokens": prompt_tokens, "new_tokens_per_prompt": lc.max_new_tokens}
-    for mode, bs in (("naive", 1), ("batched", lc.batch_size)):
-        gen_s = _timed(lambda b: _generate(model, b, lc.max_new_tokens, device), prompts, bs, device)
-        judge_s = _timed(lambda b: _prefill(model, b, device), prompts, bs, device)
-        out[mode] = {"batch_size": bs, "rewrite_s": round(gen_s, 3),
-                     "rewrite_tokens_per_s": round(gen_tokens / gen_s, 1),
-                     "rewrite_prompts_per_s": round(len(prompts) / gen_s, 3),
-                     "judge_s": round(judge_s, 3), "judge_prompt_tokens_per_s": round(prompt_tokens / judge_s, 1),
-                     "judge_prompts_per_s": round(len(prompts) / judge_s, 3)}
-    out["rewrite_speedup_batched"] = round(out["naive"]["rewrite_s"] / out["batched"]["rewrite_s"], 2)
-    out["judge_speedup_batched"] = round(out["naive"]["judge_s"] / out["batched"]["judge_s"], 2)
-    out.update(common.peak_memory(device))
-    del model
-    common.free_memory(device)
-    return out
+    def phase_engine(self, name: str) -> dict:
+        lc = self.lc
+        _, vocab = self.model(name)
+        prompts, lengths = workload(lc.rows, lc.prompt_tokens, lc.new_tokens, vocab, seed=0)
+        fig = self.decode(name, "engine", prompts, lengths)
+        self.engine_rows[name] = (prompts[:lc.invariance_rows], lengths[:lc.invariance_rows],
+                                  [o.ids for o in self._last_outs[:lc.invariance_rows]])
+        return fig
+
+    def phase_baseline(self, name: str) -> dict:
+        lc = self.lc
+        _, vocab = self.model(name)
+        prompts, _ = workload(lc.baseline_rows, lc.prompt_tokens, lc.new_tokens, vocab, seed=0)
+        return self.decode(name, f"hf-generate-b{lc.baseline_batch}", prompts,
+                           [lc.baseline_new_tokens] * len(prompts), backend="hf", max_batch_rows=lc.baseline_batch)
+
+    def phase_verdict(self, name: str) -> dict:
+        return llm_figures.verdict_phase(self, name)
+
+    def phase_stages(self, name: str) -> dict:
+        _, vocab = self.model(name)
+        out = {}
+        shapes = STAGE_SHAPES
+        if self.cfg.preset == "tiny":  # CPU: the rewrite shape for every stage (the harness, not the figures)
+            shapes = {stage: (self.lc.prompt_tokens, self.lc.new_tokens) for stage in STAGE_SHAPES}
+        for stage, (p_range, n_range) in shapes.items():
+            prompts, lengths = workload(self.lc.stage_rows, p_range, n_range, vocab, seed=3)
+            out[stage] = self.decode(name, stage, prompts, lengths)
+        return out
+
+    def phase_invariance(self, name: str) -> dict:
+        """Rows alone (1 slot) vs the same rows inside the engine phase's batch: identical ids on CPU;
+        on GPU bf16 matmuls of other shapes may flip a near-tie, so this counts how often."""
+        if name not in self.engine_rows:
+            return {"skipped": "needs the engine phase first"}
+        prompts, lengths, batched = self.engine_rows[name]
+        eng = self.engine(name, max_batch_rows=1)
+        alone = [eng.generate_ids([p], [1000 + i], [self.lc.temperature], [self.lc.top_p], [lim], forced=[True])[0].ids
+                 for i, (p, lim) in enumerate(zip(prompts, lengths))]
+        eng.release()
+        first_diff = [next((k for k, (a, b) in enumerate(zip(x, y)) if a != b), None) for x, y in zip(alone, batched)]
+        return {"rows": len(alone), "rows_identical": sum(a == b for a, b in zip(alone, batched)),
+                "first_differing_token": first_diff, "tokens_per_row": [len(a) for a in alone]}
+
+    def phase_ablations(self, name: str) -> dict:
+        lc = self.lc
+        _, vocab = self.model(name)
+        prompts, lengths = workload(lc.ablation_rows, lc.prompt_tokens, lc.new_tokens, vocab, seed=1)
+        small = min(len(prompts), 64)
+        variants = [("hf-generate-b64", dict(backend="hf", max_batch_rows=64), small),
+                    ("static-eager", dict(cuda_graphs=False), None),
+                    ("graphs-waves", dict(continuous=False), None),
+                    ("graphs-continuous", {}, None),
+                    ("graphs-continuous-64-slots", dict(max_batch_rows=64), None),
+                    ("graphs-continuous-no-kv-buckets", dict(kv_bucket=1 << 16), None)]
+        out = {}
+        for label, cfg, rows in variants:
+            n = rows or len(prompts)
+            common.guarded(out, label, lambda: self.decode(name, label, prompts[:n], lengths[:n], **cfg))
+            self.write()
+        return out
+
+    def phase_compile(self, name: str) -> dict:
+        lc = self.lc
+        _, vocab = self.model(name)
+        prompts, lengths = workload(lc.ablation_rows, lc.prompt_tokens, lc.new_tokens, vocab, seed=1)
+        t0 = time.perf_counter()
+        fig = self.decode(name, "graphs-continuous-compiled", prompts, lengths, compile=True)
+        fig["including_compile_s"] = round(time.perf_counter() - t0, 1)
+        return fig
+
+    def write(self) -> None:
+        common.write_record(self.cfg.out, self.rec["stem"], self.rec)
 
 
 def run(cfg: BenchConfig) -> dict:
     from vpo_ray import storage
-    from vpo_ray.bench.plotting import plot_bars
+    from vpo_ray.bench import vlm_judge
+    from vpo_ray.bench.plotting import plot_llm_stages
 
     device = common.resolve_device(cfg.device)
     dtype = cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    models = ("tiny-optimizer",) if cfg.preset == "tiny" else tuple(cfg.llm.models)
+    tiny = cfg.preset == "tiny"
     storage.makedirs(cfg.out)
     stem = f"llm_stages_{cfg.preset}"
-    rec = {"benchmark": "llm-stages", "preset": cfg.preset, "device": common.device_facts(device),
+    rec = {"benchmark": "llm-stages", "preset": cfg.preset, "stem": stem, "device": common.device_facts(device),
            "versions": common.versions(), "dtype": dtype, "config": dataclasses.asdict(cfg.llm),
-           "weights": "tiny preset" if cfg.preset == "tiny" else "random (real architecture config)",
-           "warmup_note": "one call per mode and model before timing, excluded", "models": {}}
-    for name in models:
-        common.guarded(rec["models"], name, lambda n=name: bench_model(n, cfg, device, dtype))
-        common.write_record(cfg.out, stem, rec)
-    groups = {f"{n} {kind}": {m: (r.get(m) or {}).get(key) for m in ("naive", "batched")}
-              for n, r in rec["models"].items() if "error" not in r
-              for kind, key in (("rewrite", "rewrite_tokens_per_s"), ("judge/100", "judge_prompt_tokens_per_s"))}
-    for g, vals in groups.items():  # judge prefill rates are ~100x generate rates: scale to share an axis
-        if g.endswith("judge/100"):
-            groups[g] = {m: (v or 0) / 100 for m, v in vals.items()}
+           "weights": "tiny preset" if tiny else "random (real architecture config)",
+           "warmup_note": "a short call per engine configuration (graph capture, compile) runs first, excluded",
+           "models": {}, "vlm": {}}
+    common.guarded(rec, "ceilings", lambda: llm_figures.ceilings(device))
+    bench = LLMBench(cfg, device, dtype, rec)
+    models = ("tiny-optimizer",) if tiny else tuple(cfg.llm.models)
+    for phase in cfg.llm.phases:
+        if phase == "vlm":
+            bench.loaded = (None, None, 0)
+            for name in (("tiny-video-judge",) if tiny else cfg.llm.vlm_models):
+                common.guarded(rec["vlm"], name, lambda n=name: vlm_judge.bench_vlm(n, cfg, device, dtype))
+                bench.write()
+            continue
+        for name in models:
+            common.guarded(rec["models"].setdefault(name, {}), phase,
+                           lambda n=name, p=phase: getattr(bench, f"phase_{p}")(n))
+            bench.write()
+    bench.loaded = (None, None, 0)
+    rec["table"] = llm_figures.before_after(rec)
     png = storage.join(cfg.out, f"{stem}.png")
-    plot_bars(f"llm-stages on {rec['device']['name']}", groups, "tokens / s", png,
-              note="rewrite: generated tokens/s; judge: prompt tokens/s / 100")
+    plot_llm_stages(rec, png)
     rec["png"] = png
-    common.write_record(cfg.out, stem, rec)
+    bench.write()
     return rec

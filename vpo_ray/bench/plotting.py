@@ -194,3 +194,32 @@ def plot_pipeline(rec: dict, traces: list, events: list, t_ref: float, uri: str)
     else:
         _empty(c, "no GPU-hour figure (no GPU or no steady window)")
     _save(fig, uri)
+
+
+def plot_llm_stages(rec: dict, uri: str) -> None:
+    """Rewrite/critique/refine tok/s per variant, verdict prompt tok/s (old path vs bucketed), videos/s."""
+    dev = (rec.get("device") or {}).get("name", "?")
+    fig, ax = _figure(3, 1, f"llm-stages {rec.get('preset')} on {dev} (log scale; label: value, bandwidth or MFU share)")
+    fig.set_size_inches(8, 11)
+    table = rec.get("table") or []
+    panels = (("decode: generated tok/s", "tok_s", ("rewrite", "critique", "refine")),
+              ("verdict prefill: prompt tok/s", "prompt_tok_s", ("verdict",)),
+              ("video judge: videos/s", "videos_per_s", ("video judge",)))
+    for (a,), (title, key, stages) in zip(ax, panels):
+        rows = [r for r in table if r["stage"] in stages and r.get(key)]
+        if not rows:
+            _empty(a, f"{title}: not measured")
+            continue
+        labels = [f"{r['model']} {r['stage']}: {r['variant']}" for r in rows]
+        vals = [r[key] for r in rows]
+        a.barh(range(len(rows)), vals, color="tab:blue")
+        for i, v in enumerate(vals):
+            share = rows[i].get("bandwidth_util_datasheet") or rows[i].get("mfu_datasheet")
+            a.text(v, i, f" {v:.3g}" + (f" ({share:.0%})" if share else ""), va="center", fontsize=7)
+        a.set_yticks(range(len(rows)))
+        a.set_yticklabels(labels, fontsize=7)
+        a.invert_yaxis()
+        a.set_xscale("log")
+        a.set_xlim(left=min(vals) / 3)
+        a.set_title(title, fontsize=9)
+    _save(fig, uri)

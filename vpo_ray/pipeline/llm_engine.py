@@ -137,11 +137,17 @@ class LLMEngine:
 
     @property
     def weights(self):
+        """The static decoder's view of the weights, shared by every engine on this model (fused once)."""
         if self._weights is None:
             from vpo_ray.pipeline.decoder import DecoderWeights
 
-            self._weights = DecoderWeights(self.model)
+            self._weights = getattr(self.model, "_vpo_decoder_weights", None) or DecoderWeights(self.model)
+            self.model._vpo_decoder_weights = self._weights
         return self._weights
+
+    def release(self) -> None:
+        """Free the KV cache and CUDA graphs (the next generate call allocates them again)."""
+        self._batch = None
 
     # ------------------------------------------------------------------ text in, text out
 
