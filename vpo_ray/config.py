@@ -481,7 +481,7 @@ class BenchLLMConfig:
     baseline_rows: int = 16  # rows through today's path (left-padded HF generate), slow
     baseline_batch: int = 8  # today's rewrite batch
     baseline_new_tokens: int = 128  # tokens per baseline row
-    ablation_rows: int = 256  # rows of each ablation variant (one workload for all of them)
+    ablation_rows: int = 384  # rows of each ablation variant (one workload; > batch_size so slots get refilled)
     stage_rows: int = 256  # rows of the critique and refine shapes (stages phase)
     verdict_rows: int = 256  # judge prompts (prompt + reasoning + answer prefix), one prefill each
     verdict_tokens: tuple[int, ...] = (450, 900)  # their lengths, uniform

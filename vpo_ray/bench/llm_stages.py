@@ -103,8 +103,9 @@ class LLMBench:
         n = len(prompts)
         temps, tops = [self.lc.temperature] * n, [self.lc.top_p] * n
         seeds = list(range(1000, 1000 + n))
-        if warmup:  # capture graphs / compile on the slot count the timed call uses
-            k = min(n, eng.cfg.max_batch_rows)
+        if warmup:  # size the cache as the timed call needs it, then capture graphs / compile on it
+            eng.prepare(n, max(map(len, prompts)), max(lengths))
+            k = min(n, 4)
             eng.generate_ids(prompts[:k], seeds[:k], temps[:k], tops[:k], [8] * k, forced=[True] * k)
         common.sync(self.device)
         if self.device.startswith("cuda"):

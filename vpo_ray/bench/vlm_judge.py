@@ -159,7 +159,7 @@ def bench_vlm(name: str, cfg, device: str, dtype: str) -> dict:
     rec["gpu_share_per_t2v_gpu"] = {mode: round((1 / sec) / rate, 4) for mode, sec in T2V_SECONDS_PER_VIDEO.items()}
     rec["speedup_reuse_vs_hf"] = (round(rate / rec["hf_per_question"]["videos_per_s"], 2)
                                   if "videos_per_s" in rec.get("hf_per_question", {}) else None)
-    del engine, m
+    engine = m = None  # free the model before the next phase  # noqa: F841
     common.free_memory(device)
     return rec
 

@@ -20,6 +20,7 @@ model's own rotary module, SiLU-gated MLP); tests compare logits with the HF for
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Optional
@@ -240,10 +241,12 @@ class StepFns:
 EAGER = StepFns(attn_in=attn_in, attn_out_mlp=attn_out_mlp, logits=_logits, sample=sample_rows)
 
 
+@functools.lru_cache(maxsize=1)
 def compiled_fns() -> StepFns:
     """torch.compile'd step pieces: norms, rotary, SiLU-gate and the sampler's elementwise work
     fuse into few kernels. Shapes are fixed per slot batch, and one compiled graph serves every
-    layer (weights are arguments), so compiling costs seconds, not one graph per layer."""
+    layer (weights are arguments), so compiling costs seconds, not one graph per layer. One set
+    of wrappers per process: a new slot batch of the same size reuses what was compiled."""
     def c(fn):
         return torch.compile(fn, dynamic=False, fullgraph=True)
     return StepFns(attn_in=c(attn_in), attn_out_mlp=c(attn_out_mlp), logits=c(_logits), sample=c(sample_rows))
@@ -283,6 +286,7 @@ class DecodeBatch:
     def __init__(self, w: DecoderWeights, slots: int, max_len: int, max_new: int, eos_ids: list[int],
                  cuda_graphs: bool = True, compile: bool = False):
         self.w, self.slots, self.max_len, self.max_new = w, slots, max_len, max_new
+        self.pinned = False  # kept for calls that need fewer slots (LLMEngine.prepare)
         dev = w.device
         self.cache = SlotCache.allocate(w, slots, max_len)
 

@@ -145,6 +145,15 @@ class LLMEngine:
             self.model._vpo_decoder_weights = self._weights
         return self._weights
 
+    def prepare(self, rows: int, prompt_tokens: int, new_tokens: int) -> None:
+        """Size the KV cache for `rows` rows of up to `prompt_tokens` + `new_tokens` now (static
+        back-end), so later calls that fit reuse it and the CUDA graphs captured on it."""
+        if self.backend == "static":
+            from vpo_ray.pipeline.scheduler import decode_batch_for
+
+            with self.torch.inference_mode():
+                decode_batch_for(self, rows, prompt_tokens + new_tokens, new_tokens, pin=True)
+
     def release(self) -> None:
         """Free the KV cache and CUDA graphs (the next generate call allocates them again)."""
         self._batch = None

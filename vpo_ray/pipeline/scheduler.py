@@ -27,12 +27,16 @@ def _round_up(n: int, step: int) -> int:
     return -(-n // step) * step
 
 
-def decode_batch_for(engine, n_rows: int, need_len: int, need_new: int) -> DecodeBatch:
-    """The engine's DecodeBatch if it fits these rows (graphs stay captured), else a new one."""
+def decode_batch_for(engine, n_rows: int, need_len: int, need_new: int, pin: bool = False) -> DecodeBatch:
+    """The engine's DecodeBatch if it fits these rows (graphs stay captured), else a new one.
+
+    A batch with more than twice the slots a call needs is replaced (empty slots still cost
+    compute every step), unless it was pinned by `LLMEngine.prepare`."""
     cfg, w = engine.cfg, engine.weights
     want = min(n_rows, cfg.max_batch_rows)
     old = engine._batch
-    if old is not None and old.max_len >= need_len and old.max_new >= need_new and want <= old.slots <= 2 * want:
+    if (old is not None and old.max_len >= need_len and old.max_new >= need_new and want <= old.slots
+            and (old.slots <= 2 * want or old.pinned)):
         return old
     engine._batch = None
     del old
@@ -41,6 +45,7 @@ def decode_batch_for(engine, n_rows: int, need_len: int, need_new: int) -> Decod
     if w.device.type == "cuda":
         slots = min(slots, _slots_that_fit(engine, max_len))
     batch = DecodeBatch(w, slots, max_len, max_new, engine.eos_ids, cuda_graphs=cfg.cuda_graphs, compile=cfg.compile)
+    batch.pinned = pin
     engine._batch = batch
     return batch
 
