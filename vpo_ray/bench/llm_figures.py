@@ -94,8 +94,32 @@ def decode_figures(eng, outs: list, wall: float, ceil: dict, device: str) -> dic
                bandwidth_gbps=_r(achieved, 1),
                bandwidth_util_datasheet=_r(achieved / (peak * 1e3)) if peak else None,
                bandwidth_util_measured=_r(achieved / ceil["copy_gbps_measured"]) if ceil.get("copy_gbps_measured") else None,
-               bound_tok_s_at_batch=_r(live / (step_bytes / (peak * 1e12)), 1) if peak else None)
+               bound_tok_s_at_batch=_r(live / (step_bytes / (peak * 1e12)), 1) if peak else None,
+               sampler_ms=sampler_ms(s["slots"], w.vocab, device))
     return fig
+
+
+def sampler_ms(rows: int, vocab: int, device: str, iters: int = 10) -> Optional[float]:
+    """Milliseconds of one `sample_rows` call at (rows, vocab) (full-vocabulary sort for top-p), median."""
+    import torch
+
+    from vpo_ray.sampling import sample_rows
+
+    if not device.startswith("cuda"):
+        return None
+    logits = torch.randn(rows, vocab, device=device, dtype=torch.bfloat16)
+    args = (torch.full((rows,), 0.9, device=device), torch.full((rows,), 0.95, device=device),
+            torch.arange(rows, device=device), torch.zeros(rows, dtype=torch.int64, device=device))
+    times = []
+    for i in range(iters + 2):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        sample_rows(logits, *args)
+        end.record()
+        end.synchronize()
+        if i >= 2:
+            times.append(start.elapsed_time(end))
+    return round(sorted(times)[len(times) // 2], 3)
 
 
 def prefill_flops(w, lengths: list) -> float:

@@ -216,17 +216,22 @@ def run(cfg: BenchConfig) -> dict:
     common.guarded(rec, "ceilings", lambda: llm_figures.ceilings(device))
     bench = LLMBench(cfg, device, dtype, rec)
     models = ("tiny-optimizer",) if tiny else tuple(cfg.llm.models)
-    for phase in cfg.llm.phases:
-        if phase == "vlm":
-            bench.loaded = (None, None, 0)
-            for name in (("tiny-video-judge",) if tiny else cfg.llm.vlm_models):
-                common.guarded(rec["vlm"], name, lambda n=name: vlm_judge.bench_vlm(n, cfg, device, dtype))
+    try:
+        for phase in cfg.llm.phases:
+            if phase == "vlm":
+                bench.loaded = (None, None, 0)
+                for name in (("tiny-video-judge",) if tiny else cfg.llm.vlm_models):
+                    common.guarded(rec["vlm"], name, lambda n=name: vlm_judge.bench_vlm(n, cfg, device, dtype))
+                    _progress(name, phase, rec["vlm"][name])
+                    bench.write()
+                continue
+            for name in models:
+                result = common.guarded(rec["models"].setdefault(name, {}), phase,
+                                        lambda n=name, p=phase: getattr(bench, f"phase_{p}")(n))
+                _progress(name, phase, result)
                 bench.write()
-            continue
-        for name in models:
-            common.guarded(rec["models"].setdefault(name, {}), phase,
-                           lambda n=name, p=phase: getattr(bench, f"phase_{p}")(n))
-            bench.write()
+    except KeyboardInterrupt:  # the time limit (gpu_run.sh sends SIGINT): keep what was measured
+        rec["interrupted"] = True
     bench.loaded = (None, None, 0)
     rec["table"] = llm_figures.before_after(rec)
     png = storage.join(cfg.out, f"{stem}.png")
@@ -234,3 +239,17 @@ def run(cfg: BenchConfig) -> dict:
     rec["png"] = png
     bench.write()
     return rec
+
+
+def _progress(name: str, phase: str, result) -> None:
+    """One log line per phase with its headline figures (the record holds everything)."""
+    keys = ("tok_s", "step_ms", "bandwidth_util_datasheet", "prompt_tok_s", "mfu_datasheet", "mfu_vs_measured_matmul",
+            "videos_per_s", "rows_identical", "speedup", "error")
+
+    def pick(d):
+        return {k: d[k] for k in keys if isinstance(d, dict) and d.get(k) is not None}
+
+    parts = pick(result) if isinstance(result, dict) else {}
+    if isinstance(result, dict):
+        parts.update({k: pick(v) for k, v in result.items() if isinstance(v, dict) and pick(v)})
+    print(f"[llm-stages] {name} {phase}: {parts}", flush=True)
