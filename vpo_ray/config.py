@@ -475,7 +475,7 @@ class BenchLLMConfig:
     rows: int = 512  # rewrite rows through the engine (engine phase)
     batch_size: int = 256  # engine slots: rows decoded at once
     prompt_tokens: tuple[int, ...] = (180, 420)  # rewrite prompt lengths (template + query), uniform
-    new_tokens: tuple[int, ...] = (96, 256)  # forced output lengths, uniform: random weights rarely emit EOS
+    max_new_tokens: int = 256  # stage cap; each row's length is drawn by the weights=random output model
     temperature: float = 0.9  # the rewrite stage's sampling
     top_p: float = 0.95
     baseline_rows: int = 16  # rows through today's path (left-padded HF generate), slow
@@ -497,7 +497,7 @@ class BenchLLMConfig:
         for p in self.phases:
             if p not in LLM_BENCH_PHASES:
                 raise ConfigError(f"llm.phases: unknown phase {p!r} (known: {', '.join(LLM_BENCH_PHASES)})")
-        for key in ("prompt_tokens", "new_tokens", "verdict_tokens"):
+        for key in ("prompt_tokens", "verdict_tokens"):
             v = getattr(self, key)
             if len(v) != 2 or v[0] < 1 or v[0] > v[1]:
                 raise ConfigError(f"llm.{key}: expected [low, high] with 1 <= low <= high, got {list(v)}")

@@ -160,7 +160,7 @@ def verdict_phase(bench, name: str) -> dict:
 
     lc, device = bench.lc, bench.device
     model, vocab = bench.model(name)
-    prompts, _ = workload(lc.verdict_rows, lc.verdict_tokens, (1, 1), vocab, seed=2)
+    prompts, _ = workload(lc.verdict_rows, lc.verdict_tokens, "critique", lc.max_new_tokens, vocab, seed=2)
     yes, no = [11], [12]  # any two ids: random weights
     eng = bench.engine(name)
     eng.yes_probability_ids(prompts[:8], yes, no)  # warm-up

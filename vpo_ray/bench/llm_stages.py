@@ -1,9 +1,11 @@
 """`vpo bench llm-stages`: the LLM stages (rewrite, critique, refine, verdict) and the VLM judge.
 
 Real architectures with random weights (`--preset tiny`: the tiny models, CPU). Prompts are
-random token ids; output lengths are forced per row (uniform in `llm.new_tokens`), because
-random weights almost never emit EOS and real rewrites end at different lengths, which is
-what continuous batching is for. Phases run in `llm.phases` order and the record is written
+random token ids; each row's output length is forced, drawn per row and stage by the
+`weights=random` output model (vpo_ray.models.random_weights.draw_lengths, RandomOutputsConfig:
+rewrite ~150, critique ~220, refine ~150 tokens, sd 25 %, capped at `llm.max_new_tokens`),
+because random weights never emit EOS and real rows end at different lengths, which is what
+continuous batching is for. Phases run in `llm.phases` order and the record is written
 after each one, so a run cut off by its time limit keeps what it measured:
 
   engine      rewrite through the engine as the pipeline runs it (static KV cache, CUDA graphs,
@@ -33,9 +35,9 @@ import time
 from vpo_ray.bench import common, llm_figures
 from vpo_ray.config import BenchConfig, LLMEngineConfig
 
-# Prompt and output lengths (tokens, uniform ranges) of the judge's two decode stages.
-STAGE_SHAPES = {"critique": ((450, 650), (150, 350)),  # judge template + query + prompt -> reasoning
-                "refine": ((550, 800), (100, 250))}  # + the judge's reasons -> refined prompt
+# Prompt lengths (tokens, uniform) of the judge's two decode stages; output lengths come from the output model.
+STAGE_PROMPTS = {"critique": (450, 650),  # judge template + query + candidate prompt
+                 "refine": (550, 800)}  # + the judge's reasons
 
 
 def load_llm(name: str, device: str, dtype: str):
@@ -59,13 +61,17 @@ def load_llm(name: str, device: str, dtype: str):
     return model.eval(), model.config.vocab_size
 
 
-def workload(n: int, prompt_tokens, new_tokens, vocab: int, seed: int) -> tuple[list, list]:
-    """(prompts, forced output lengths): random ids in [10, vocab - 300) (clear of special tokens)."""
+def workload(n: int, prompt_tokens, stage: str, cap: int, vocab: int, seed: int) -> tuple[list, list]:
+    """(prompts, forced output lengths): random ids in [10, vocab - 300) (clear of special tokens);
+    lengths from the weights=random output model for `stage`, below `cap` (as the pipeline draws them)."""
     import random
+
+    from vpo_ray.config import RandomOutputsConfig
+    from vpo_ray.models.random_weights import draw_lengths
 
     rng = random.Random(seed)
     prompts = [[rng.randrange(10, max(11, vocab - 300)) for _ in range(rng.randint(*prompt_tokens))] for _ in range(n)]
-    return prompts, [rng.randint(*new_tokens) for _ in range(n)]
+    return prompts, draw_lengths(RandomOutputsConfig(), stage, [seed * 1_000_003 + i for i in range(n)], cap)
 
 
 class LLMBench:
@@ -126,7 +132,7 @@ class LLMBench:
     def phase_engine(self, name: str) -> dict:
         lc = self.lc
         _, vocab = self.model(name)
-        prompts, lengths = workload(lc.rows, lc.prompt_tokens, lc.new_tokens, vocab, seed=0)
+        prompts, lengths = workload(lc.rows, lc.prompt_tokens, "rewrite", lc.max_new_tokens, vocab, seed=0)
         fig = self.decode(name, "engine", prompts, lengths)
         self.engine_rows[name] = (prompts[:lc.invariance_rows], lengths[:lc.invariance_rows],
                                   [o.ids for o in self._last_outs[:lc.invariance_rows]])
@@ -135,7 +141,7 @@ class LLMBench:
     def phase_baseline(self, name: str) -> dict:
         lc = self.lc
         _, vocab = self.model(name)
-        prompts, _ = workload(lc.baseline_rows, lc.prompt_tokens, lc.new_tokens, vocab, seed=0)
+        prompts, _ = workload(lc.baseline_rows, lc.prompt_tokens, "rewrite", lc.max_new_tokens, vocab, seed=0)
         return self.decode(name, f"hf-generate-b{lc.baseline_batch}", prompts,
                            [lc.baseline_new_tokens] * len(prompts), backend="hf", max_batch_rows=lc.baseline_batch)
 
@@ -145,11 +151,10 @@ class LLMBench:
     def phase_stages(self, name: str) -> dict:
         _, vocab = self.model(name)
         out = {}
-        shapes = STAGE_SHAPES
-        if self.cfg.preset == "tiny":  # CPU: the rewrite shape for every stage (the harness, not the figures)
-            shapes = {stage: (self.lc.prompt_tokens, self.lc.new_tokens) for stage in STAGE_SHAPES}
-        for stage, (p_range, n_range) in shapes.items():
-            prompts, lengths = workload(self.lc.stage_rows, p_range, n_range, vocab, seed=3)
+        for stage, p_range in STAGE_PROMPTS.items():
+            if self.cfg.preset == "tiny":  # CPU: rewrite-sized prompts (the harness, not the figures)
+                p_range = self.lc.prompt_tokens
+            prompts, lengths = workload(self.lc.stage_rows, p_range, stage, self.lc.max_new_tokens, vocab, seed=3)
             out[stage] = self.decode(name, stage, prompts, lengths)
         return out
 
@@ -170,7 +175,7 @@ class LLMBench:
     def phase_ablations(self, name: str) -> dict:
         lc = self.lc
         _, vocab = self.model(name)
-        prompts, lengths = workload(lc.ablation_rows, lc.prompt_tokens, lc.new_tokens, vocab, seed=1)
+        prompts, lengths = workload(lc.ablation_rows, lc.prompt_tokens, "rewrite", lc.max_new_tokens, vocab, seed=1)
         small = min(len(prompts), 64)
         variants = [("hf-generate-b64", dict(backend="hf", max_batch_rows=64), small),
                     ("static-eager", dict(cuda_graphs=False), None),
@@ -188,7 +193,7 @@ class LLMBench:
     def phase_compile(self, name: str) -> dict:
         lc = self.lc
         _, vocab = self.model(name)
-        prompts, lengths = workload(lc.ablation_rows, lc.prompt_tokens, lc.new_tokens, vocab, seed=1)
+        prompts, lengths = workload(lc.ablation_rows, lc.prompt_tokens, "rewrite", lc.max_new_tokens, vocab, seed=1)
         t0 = time.perf_counter()
         fig = self.decode(name, "graphs-continuous-compiled", prompts, lengths, compile=True)
         fig["including_compile_s"] = round(time.perf_counter() - t0, 1)
