@@ -235,6 +235,7 @@ def run(cfg: BenchConfig) -> dict:
                                         lambda n=name, p=phase: getattr(bench, f"phase_{p}")(n))
                 _progress(name, phase, result)
                 bench.write()
+                common.free_memory(device)  # a failed phase must not leave its KV cache behind
     except KeyboardInterrupt:  # the time limit (gpu_run.sh sends SIGINT): keep what was measured
         rec["interrupted"] = True
     bench.loaded = (None, None, 0)
