@@ -209,6 +209,7 @@ class GenerateConfig:
     # Yes/No verdict at this temperature too (0 = always the likelier verdict).
     judge_sampling: SamplingConfig = SamplingConfig(max_new_tokens=256, temperature=0.7)
     judge_endpoint: JudgeEndpointConfig = JudgeEndpointConfig()
+    llm_engine: LLMEngineConfig = LLMEngineConfig()  # how the local rewrite/critique/refine models batch and decode
     video: VideoConfig = VideoConfig()
     checklist: tuple[ChecklistItem, ...] = DEFAULT_CHECKLIST
     rewrite_stage: StageConfig = StageConfig()

@@ -20,7 +20,7 @@ from typing import Any, Optional
 import numpy as np
 
 from vpo_ray import prompts
-from vpo_ray.config import JudgeEndpointConfig, SamplingConfig
+from vpo_ray.config import JudgeEndpointConfig, LLMEngineConfig, SamplingConfig
 from vpo_ray.models import random_weights
 from vpo_ray.pipeline.llm_engine import Completion, LLMEngine  # noqa: F401 - the stages' engine, re-exported
 from vpo_ray.schema import Judgement
@@ -37,11 +37,13 @@ def row_seed(seed: int, *keys: Any) -> int:
 _ENGINES: dict = {}
 
 
-def shared_engine(model: Any, device: Optional[str] = None) -> LLMEngine:
-    """The process's LLMEngine for (model, device): stages in one actor that use one model share its weights."""
-    key = (LLMEngine, model, device)  # the class too: a test that swaps LLMEngine gets its own
+def shared_engine(model: Any, device: Optional[str] = None, config: Optional[LLMEngineConfig] = None) -> LLMEngine:
+    """The process's LLMEngine for (model, device, engine settings): stages in one actor that use one model
+    share its weights (and its KV cache)."""
+    config = config or LLMEngineConfig()
+    key = (LLMEngine, model, device, config)  # the class too: a test that swaps LLMEngine gets its own
     if key not in _ENGINES:
-        _ENGINES[key] = LLMEngine(model, device=device)
+        _ENGINES[key] = LLMEngine(model, device=device, config=config)
     return _ENGINES[key]
 
 
@@ -50,8 +52,9 @@ def shared_engine(model: Any, device: Optional[str] = None) -> LLMEngine:
 class Rewriter:
     """Ray Data stage: each query row gains `candidates_json` = K optimizer rewrites."""
 
-    def __init__(self, model: str, num_samples: int, sampling: dict, seed: int = 0, device: Optional[str] = None):
-        self.engine = shared_engine(model, device)
+    def __init__(self, model: str, num_samples: int, sampling: dict, seed: int = 0, device: Optional[str] = None,
+                 engine: Optional[dict] = None):
+        self.engine = shared_engine(model, device, LLMEngineConfig(**(engine or {})))
         self.k = num_samples
         self.sampling = SamplingConfig(**sampling)
         self.seed = seed
@@ -95,8 +98,9 @@ class Rewriter:
 class LocalJudge:
     """Judge back-end on a local model: reasoning, then forced Yes/No; refine by prefill."""
 
-    def __init__(self, model: str, sampling: SamplingConfig, seed: int, device: Optional[str] = None):
-        self.engine = shared_engine(model, device)
+    def __init__(self, model: str, sampling: SamplingConfig, seed: int, device: Optional[str] = None,
+                 engine: Optional[dict] = None):
+        self.engine = shared_engine(model, device, LLMEngineConfig(**(engine or {})))
         self.sampling = sampling
         self.seed = seed
 
@@ -152,14 +156,14 @@ class Critic:
     """Ray Data stage: judge every candidate; refine the rejected ones."""
 
     def __init__(self, model: str, sampling: dict, endpoint: dict, refine: bool = True, seed: int = 0,
-                 device: Optional[str] = None):
+                 device: Optional[str] = None, engine: Optional[dict] = None):
         self.sampling = SamplingConfig(**sampling)
         ep = JudgeEndpointConfig(**endpoint)
         if ep.base_url:
             from vpo_ray.pipeline.judge_http import HttpJudge
             self.backend = HttpJudge(ep, self.sampling)
         else:
-            self.backend = LocalJudge(model, self.sampling, seed, device=device)
+            self.backend = LocalJudge(model, self.sampling, seed, device=device, engine=engine)
         self.refine_enabled = refine
 
     def __call__(self, batch: dict) -> dict:

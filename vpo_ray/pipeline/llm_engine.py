@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from vpo_ray.config import LLMEngineConfig, SamplingConfig
+from vpo_ray.models import random_weights
 from vpo_ray.sampling import cut_at_stop
 
 log = logging.getLogger(__name__)
@@ -99,8 +100,6 @@ class LLMEngine:
             self.model, self.tok = load_causal_lm(model, device=self.device, dtype=dtype)
         self.model.eval()
         self.model_name = getattr(model, "name_or_path", None) or str(model)[:200]
-        from vpo_ray.models import random_weights
-
         # weights=random: the output model rows end by (vpo_ray/models/random_weights.py); None = real weights
         self.random_outputs = random_weights.outputs_of(self.model)
         self.max_input_tokens = max_input_tokens
