@@ -78,10 +78,22 @@ def test_video_sampling_scaling_tiny(ray_session, tiny_cache, tmp_path, capsys):
     _png_ok(sc["png"])
 
 
+def test_llm_stages_measures_the_presets_models():
+    from vpo_ray.bench.llm_stages import bench_models
+    from vpo_ray.config import BenchConfig, BenchLLMConfig
+
+    assert bench_models(BenchConfig(name="llm-stages", preset="paper")) == (("llama3-8b-instruct",),
+                                                                            ("qwen2-vl-7b-instruct",))
+    assert bench_models(BenchConfig(name="llm-stages", preset="qwen")) == (("qwen2.5-7b-instruct",),
+                                                                           ("qwen2.5-vl-7b-instruct",))
+    explicit = BenchConfig(name="llm-stages", preset="paper", llm=BenchLLMConfig(models=("qwen2.5-1.5b-instruct",)))
+    assert bench_models(explicit)[0] == ("qwen2.5-1.5b-instruct",)
+
+
 def test_llm_stages_tiny(tiny_cache, tmp_path, capsys):
     rec = _bench(capsys, "llm-stages", "--preset", "tiny", "--out", str(tmp_path), "llm.rows=6", "llm.batch_size=4",
                  "llm.prompt_tokens=[12,30]", "llm.max_new_tokens=8", "llm.baseline_rows=2", "llm.baseline_batch=2",
-                 "llm.baseline_new_tokens=4", "llm.ablation_rows=4", "llm.stage_rows=3", "llm.verdict_rows=5",
+                 "llm.ablation_rows=4", "llm.stage_rows=3", "llm.verdict_rows=5",
                  "llm.verdict_tokens=[20,40]", "llm.verdict_baseline_rows=3", "llm.invariance_rows=2",
                  "llm.vlm_videos=2", "llm.vlm_baseline_videos=1", "llm.vlm_questions=3",
                  "llm.phases=[engine,verdict,baseline,vlm,stages,invariance,ablations]")
@@ -90,7 +102,10 @@ def test_llm_stages_tiny(tiny_cache, tmp_path, capsys):
     assert eng["backend"] == "static" and eng["rows"] == 6 and eng["slots"] == 4  # 6 rows through 4 slots: refills
     assert eng["tok_s"] > 0 and eng["decode_steps"] > 0 and 0 < eng["live_rows_per_step"] <= 4
     assert eng["generated_tokens"] == 6 * 7  # every length drawn by the output model is capped at 8 - 1
-    assert m["baseline"]["backend"] == "hf" and m["baseline"]["slots"] == 2
+    for stage in ("rewrite", "critique"):  # the old path on the engine's first rows: same lengths, HF generate
+        old = m["baseline"][stage]
+        assert old["backend"] == "hf" and old["slots"] == 2 and old["generated_tokens"] == 2 * 7
+        assert old["rows_per_s"] > 0
     v = m["verdict"]
     assert v["bucketed_prefill"]["rows"] == 5 and v["old_path_b8_full_logits"]["rows"] == 3
     assert v["max_abs_p_yes_difference"] < 1e-5  # the bucketed prefill reads the old path's P(yes)
@@ -101,9 +116,15 @@ def test_llm_stages_tiny(tiny_cache, tmp_path, capsys):
     vlm = rec["vlm"]["tiny-video-judge"]
     assert vlm["prefix_reuse"]["videos_per_s"] > 0 and vlm["questions"] == 3
     assert vlm["hf_per_question"]["max_abs_p_yes_vs_prefix_reuse"] < 1e-5
-    variants = {(r["stage"], r["variant"]) for r in rec["table"]}
-    assert {("rewrite", "hf-generate-b2"), ("rewrite", "engine"), ("verdict", "bucketed_prefill"),
-            ("video judge", "prefix_reuse")} <= variants
+    compared = {(r["stage"], r["variant"], r["compare"]) for r in rec["table"] if r.get("compare")}
+    assert compared == {("rewrite", "hf-generate-b2", "old"), ("rewrite", "engine", "engine"),
+                        ("critique", "hf-generate-b2", "old"), ("critique", "engine", "engine"),
+                        ("refine", "engine", "engine"),
+                        ("verdict", "old_path_b8_full_logits", "old"), ("verdict", "bucketed_prefill", "engine"),
+                        ("judge (critique + verdict)", "old path", "old"), ("judge (critique + verdict)", "engine", "engine"),
+                        ("video judge", "hf_per_question", "old"), ("video judge", "prefix_reuse", "engine")}
+    judge = [r for r in rec["table"] if r["stage"].startswith("judge") and r["compare"] == "engine"][0]
+    assert judge["rows_per_s"] > 0 and judge["x_old_path"] > 0
     _strict_load(tmp_path / "llm_stages_tiny.json")
     _png_ok(rec["png"])
 

@@ -74,7 +74,7 @@ def decode_figures(eng, outs: list, wall: float, ceil: dict, device: str) -> dic
     """Throughput of one generate call, and for the static back-end its decode bandwidth."""
     gen = sum(len(o.ids) for o in outs)
     fig = {"backend": eng.backend, "slots": eng.cfg.max_batch_rows, "generated_tokens": gen, "wall_s": _r(wall),
-           "tok_s": _r(gen / wall, 1)}
+           "tok_s": _r(gen / wall, 1), "rows_per_s": _r(len(outs) / wall, 2)}
     s = eng.stats
     if eng.backend != "static" or not s.get("decode_steps"):
         return fig
@@ -190,34 +190,67 @@ def verdict_phase(bench, name: str) -> dict:
             "speedup": _r(new["prompt_tok_s"] / old["prompt_tok_s"], 2)}
 
 
+def _decode_row(stage: str, name: str, fig: dict, old: Optional[dict], compare: Optional[str]) -> dict:
+    """A table row of one decode run and its gain over the old path's run of the same stage."""
+    return {"stage": stage, "model": name, "variant": fig.get("variant"), "compare": compare, "rows": fig.get("rows"),
+            "slots": fig.get("slots"), "tok_s": fig["tok_s"], "rows_per_s": fig.get("rows_per_s"),
+            "bandwidth_util_datasheet": fig.get("bandwidth_util_datasheet"),
+            "x_old_path": _r(fig["tok_s"] / old["tok_s"], 1) if old and old.get("tok_s") else None}
+
+
+def _ok(fig) -> bool:
+    return isinstance(fig, dict) and bool(fig.get("tok_s") or fig.get("prompt_tok_s") or fig.get("videos_per_s"))
+
+
+def _judge_rows(name: str, m: dict) -> list:
+    """The judge's rows/s (critique decode, then the verdict prefill of the same rows), old path vs engine:
+    1 / (1 / critique rows/s + 1 / verdict rows/s), from the two phases' separate timings."""
+    crit_old = (m.get("baseline") or {}).get("critique")
+    crit_new = (m.get("stages") or {}).get("critique")
+    v = m.get("verdict") or {}
+    out = []
+    for variant, crit, verd in (("old path", crit_old, v.get("old_path_b8_full_logits")),
+                                ("engine", crit_new, v.get("bucketed_prefill"))):
+        if _ok(crit) and _ok(verd) and crit.get("rows_per_s") and verd.get("rows_per_s"):
+            rate = 1 / (1 / crit["rows_per_s"] + 1 / verd["rows_per_s"])
+            out.append({"stage": "judge (critique + verdict)", "model": name, "variant": variant,
+                        "compare": "old" if variant == "old path" else "engine",
+                        "rows_per_s": _r(rate, 2)})
+    if len(out) == 2:
+        out[1]["x_old_path"] = _r(out[1]["rows_per_s"] / out[0]["rows_per_s"], 1)
+    return out
+
+
 def before_after(rec: dict) -> list:
-    """Rows of the before/after table: each optimisation's figure and its gain over today's path."""
+    """Rows of the before/after table: per stage the old path, each optimisation and the engine, with the
+    gain over the old path's run of the same stage (same rows' lengths)."""
     rows = []
     for name, m in rec.get("models", {}).items():
-        base = (m.get("baseline") or {}).get("tok_s")
-        chain = [("baseline", m.get("baseline"))]
-        chain += [(k, v) for k, v in (m.get("ablations") or {}).items()]
-        chain += [("engine", m.get("engine")), ("compile", m.get("compile"))]
-        for phase, fig in chain:
-            if isinstance(fig, dict) and fig.get("tok_s"):
-                rows.append({"stage": "rewrite", "model": name, "variant": fig.get("variant", phase),
-                             "rows": fig.get("rows"), "slots": fig.get("slots"), "tok_s": fig["tok_s"],
-                             "bandwidth_util_datasheet": fig.get("bandwidth_util_datasheet"),
-                             "x_baseline": _r(fig["tok_s"] / base, 1) if base else None})
-        for stage, fig in (m.get("stages") or {}).items():
-            if isinstance(fig, dict) and fig.get("tok_s"):
-                rows.append({"stage": stage, "model": name, "variant": "engine", "rows": fig.get("rows"),
-                             "slots": fig.get("slots"), "tok_s": fig["tok_s"],
-                             "bandwidth_util_datasheet": fig.get("bandwidth_util_datasheet")})
+        old = m.get("baseline") or {}
+        chain = [("rewrite", old.get("rewrite"), "old")]
+        chain += [("rewrite", v, None) for v in (m.get("ablations") or {}).values()]
+        chain += [("rewrite", m.get("engine"), "engine"), ("rewrite", m.get("compile"), None),
+                  ("critique", old.get("critique"), "old")]
+        chain += [(stage, fig, "engine") for stage, fig in (m.get("stages") or {}).items()]
+        for stage, fig, compare in chain:
+            if _ok(fig):
+                rows.append(_decode_row(stage, name, fig, old.get(stage), compare))
         v = m.get("verdict") or {}
         for key in ("old_path_b8_full_logits", "bucketed_prefill"):
-            if isinstance(v.get(key), dict):
+            if _ok(v.get(key)):
                 rows.append({"stage": "verdict", "model": name, "variant": key, "rows": v[key]["rows"],
-                             "prompt_tok_s": v[key]["prompt_tok_s"], "mfu_datasheet": v[key].get("mfu_datasheet"),
-                             "mfu_vs_measured_matmul": v[key].get("mfu_vs_measured_matmul")})
+                             "compare": "engine" if key == "bucketed_prefill" else "old",
+                             "prompt_tok_s": v[key]["prompt_tok_s"], "rows_per_s": v[key].get("rows_per_s"),
+                             "mfu_datasheet": v[key].get("mfu_datasheet"),
+                             "mfu_vs_measured_matmul": v[key].get("mfu_vs_measured_matmul"),
+                             "x_old_path": v.get("speedup") if key == "bucketed_prefill" else None})
+        rows += _judge_rows(name, m)
     for name, v in rec.get("vlm", {}).items():
+        plain = (v.get("hf_per_question") or {}).get("videos_per_s")
         for key in ("hf_per_question", "no_reuse", "prefix_reuse"):
-            if isinstance(v.get(key), dict):
+            if _ok(v.get(key)):
                 rows.append({"stage": "video judge", "model": name, "variant": key, "videos": v[key]["videos"],
-                             "videos_per_s": v[key]["videos_per_s"]})
+                             "compare": {"hf_per_question": "old", "prefix_reuse": "engine"}.get(key),
+                             "videos_per_s": v[key]["videos_per_s"],
+                             "x_old_path": _r(v[key]["videos_per_s"] / plain, 1) if plain else None})
     return rows

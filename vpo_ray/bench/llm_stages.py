@@ -1,20 +1,23 @@
 """`vpo bench llm-stages`: the LLM stages (rewrite, critique, refine, verdict) and the VLM judge.
 
-Real architectures with random weights (`--preset tiny`: the tiny models, CPU). Prompts are
+Real architectures with random weights: `--preset paper` (or any registry preset) measures its
+optimizer/judge LLM and its video judge (`--preset tiny`: the tiny models, CPU). Prompts are
 random token ids; each row's output length is forced, drawn per row and stage by the
 `weights=random` output model (vpo_ray.models.random_weights.draw_lengths, RandomOutputsConfig:
 rewrite ~150, critique ~220, refine ~150 tokens, sd 25 %, capped at `llm.max_new_tokens`),
 because random weights never emit EOS and real rows end at different lengths, which is what
-continuous batching is for. Phases run in `llm.phases` order and the record is written
-after each one, so a run cut off by its time limit keeps what it measured:
+continuous batching is for. Phases run in `llm.phases` order (default: engine, stages,
+baseline, verdict, vlm, invariance; ablations and compile on request) and the record is
+written after each one, so a run cut off by its time limit keeps what it measured:
 
   engine      rewrite through the engine as the pipeline runs it (static KV cache, CUDA graphs,
-              continuous batching, `llm.batch_size` slots): generated tok/s, decode bandwidth
-  verdict     the judge's forced-choice verdict as a bucketed prefill, and the old path
-              (left-padded batches of 8, full logits) on a subset: prompt tok/s, MFU
-  baseline    today's rewrite path: left-padded HF `generate`, `llm.baseline_batch` rows a call
-  vlm         vpo_ray.bench.vlm_judge: videos judged per second (prefix reuse vs not vs plain HF)
+              continuous batching, `llm.batch_size` slots): generated tok/s, rows/s, decode bandwidth
   stages      critique and refine shapes through the engine
+  baseline    the old path for rewrite and critique: left-padded HF `generate`, `llm.baseline_batch`
+              rows a call, on the first `llm.baseline_rows` rows of the engine's workloads (same lengths)
+  verdict     the judge's forced-choice verdict as a bucketed prefill, and the old path
+              (left-padded batches of 8, full logits) on a subset: prompt tok/s, rows/s, MFU
+  vlm         vpo_ray.bench.vlm_judge: videos judged per second (prefix reuse vs not vs plain HF)
   invariance  rows generated alone vs in the engine batch: how often bf16 batching changes a token
   ablations   one workload, one change at a time: HF generate at batch 64, eager static loop,
               + CUDA graphs in waves, + continuous batching, 64 slots, no KV-length buckets
@@ -38,6 +41,7 @@ from vpo_ray.config import BenchConfig, LLMEngineConfig
 # Prompt lengths (tokens, uniform) of the judge's two decode stages; output lengths come from the output model.
 STAGE_PROMPTS = {"critique": (450, 650),  # judge template + query + candidate prompt
                  "refine": (550, 800)}  # + the judge's reasons
+STAGE_SEEDS = {"rewrite": 0, "critique": 3, "refine": 4}  # workload seed per stage (prompts and lengths)
 
 
 def load_llm(name: str, device: str, dtype: str):
@@ -59,6 +63,18 @@ def load_llm(name: str, device: str, dtype: str):
     finally:
         torch.set_default_dtype(previous)
     return model.eval(), model.config.vocab_size
+
+
+def bench_models(cfg: BenchConfig) -> tuple[tuple, tuple]:
+    """(LLM names, video judge names) to measure: `llm.models` / `llm.vlm_models`, else the preset's roles
+    (registry.PRESETS; a preset not listed there, e.g. "real": the paper's)."""
+    from vpo_ray.models import registry
+
+    if cfg.preset == "tiny":
+        return ("tiny-optimizer",), ("tiny-video-judge",)
+    roles = registry.PRESETS.get(cfg.preset, registry.PRESETS["paper"])
+    llms = cfg.llm.models or tuple(dict.fromkeys((roles["optimizer"], roles["judge"])))  # one entry if shared
+    return tuple(llms), tuple(cfg.llm.vlm_models or (roles["video_judge"],))
 
 
 def workload(n: int, prompt_tokens, stage: str, cap: int, vocab: int, seed: int) -> tuple[list, list]:
@@ -129,33 +145,42 @@ class LLMBench:
 
     # ------------------------------------------------------------------ phases
 
+    def stage_workload(self, name: str, stage: str, n: int) -> tuple[list, list]:
+        """The stage's prompts and forced lengths; the same first rows whatever `n` (the old path
+        takes the first rows of the engine's workload)."""
+        _, vocab = self.model(name)
+        p_range = STAGE_PROMPTS.get(stage, self.lc.prompt_tokens)
+        if self.cfg.preset == "tiny":  # CPU: rewrite-sized prompts (the harness, not the figures)
+            p_range = self.lc.prompt_tokens
+        return workload(n, p_range, stage, self.lc.max_new_tokens, vocab, seed=STAGE_SEEDS[stage])
+
     def phase_engine(self, name: str) -> dict:
         lc = self.lc
-        _, vocab = self.model(name)
-        prompts, lengths = workload(lc.rows, lc.prompt_tokens, "rewrite", lc.max_new_tokens, vocab, seed=0)
+        prompts, lengths = self.stage_workload(name, "rewrite", lc.rows)
         fig = self.decode(name, "engine", prompts, lengths)
         self.engine_rows[name] = (prompts[:lc.invariance_rows], lengths[:lc.invariance_rows],
                                   [o.ids for o in self._last_outs[:lc.invariance_rows]])
         return fig
 
     def phase_baseline(self, name: str) -> dict:
+        """The old path (HF `generate`, left-padded batches, per-row sampler and forced lengths as a
+        logits processor) on the first rows of the rewrite and critique workloads."""
         lc = self.lc
-        _, vocab = self.model(name)
-        prompts, _ = workload(lc.baseline_rows, lc.prompt_tokens, "rewrite", lc.max_new_tokens, vocab, seed=0)
-        return self.decode(name, f"hf-generate-b{lc.baseline_batch}", prompts,
-                           [lc.baseline_new_tokens] * len(prompts), backend="hf", max_batch_rows=lc.baseline_batch)
+        out = {}
+        for stage in ("rewrite", "critique"):
+            prompts, lengths = self.stage_workload(name, stage, lc.baseline_rows)
+            common.guarded(out, stage, lambda: self.decode(name, f"hf-generate-b{lc.baseline_batch}", prompts, lengths,
+                                                           backend="hf", max_batch_rows=lc.baseline_batch))
+        return out
 
     def phase_verdict(self, name: str) -> dict:
         return llm_figures.verdict_phase(self, name)
 
     def phase_stages(self, name: str) -> dict:
-        _, vocab = self.model(name)
         out = {}
-        for stage, p_range in STAGE_PROMPTS.items():
-            if self.cfg.preset == "tiny":  # CPU: rewrite-sized prompts (the harness, not the figures)
-                p_range = self.lc.prompt_tokens
-            prompts, lengths = workload(self.lc.stage_rows, p_range, stage, self.lc.max_new_tokens, vocab, seed=3)
-            out[stage] = self.decode(name, stage, prompts, lengths)
+        for stage in STAGE_PROMPTS:
+            prompts, lengths = self.stage_workload(name, stage, self.lc.stage_rows)
+            common.guarded(out, stage, lambda: self.decode(name, "engine", prompts, lengths))
         return out
 
     def phase_invariance(self, name: str) -> dict:
@@ -213,19 +238,19 @@ def run(cfg: BenchConfig) -> dict:
     tiny = cfg.preset == "tiny"
     storage.makedirs(cfg.out)
     stem = f"llm_stages_{cfg.preset}"
+    models, vlm_models = bench_models(cfg)
     rec = {"benchmark": "llm-stages", "preset": cfg.preset, "stem": stem, "device": common.device_facts(device),
            "versions": common.versions(), "dtype": dtype, "config": dataclasses.asdict(cfg.llm),
            "weights": "tiny preset" if tiny else "random (real architecture config)",
            "warmup_note": "a short call per engine configuration (graph capture, compile) runs first, excluded",
-           "models": {}, "vlm": {}}
+           "llm_models": list(models), "vlm_models": list(vlm_models), "models": {}, "vlm": {}}
     common.guarded(rec, "ceilings", lambda: llm_figures.ceilings(device))
     bench = LLMBench(cfg, device, dtype, rec)
-    models = ("tiny-optimizer",) if tiny else tuple(cfg.llm.models)
     try:
         for phase in cfg.llm.phases:
             if phase == "vlm":
                 bench.loaded = (None, None, 0)
-                for name in (("tiny-video-judge",) if tiny else cfg.llm.vlm_models):
+                for name in vlm_models:
                     common.guarded(rec["vlm"], name, lambda n=name: vlm_judge.bench_vlm(n, cfg, device, dtype))
                     _progress(name, phase, rec["vlm"][name])
                     bench.write()

@@ -197,25 +197,33 @@ def plot_pipeline(rec: dict, traces: list, events: list, t_ref: float, uri: str)
 
 
 def plot_llm_stages(rec: dict, uri: str) -> None:
-    """Rewrite/critique/refine tok/s per variant, verdict prompt tok/s (old path vs bucketed), videos/s."""
+    """Rewrite/critique/refine tok/s per variant, verdict prompt tok/s (old path vs bucketed), rows/s of
+    every stage (old path vs engine), videos/s."""
     dev = (rec.get("device") or {}).get("name", "?")
-    fig, ax = _figure(3, 1, f"llm-stages {rec.get('preset')} on {dev} (log scale; label: value, bandwidth or MFU share)")
-    fig.set_size_inches(8, 11)
+    fig, ax = _figure(4, 1, f"llm-stages {rec.get('preset')} on {dev} (log scale; label: value, bandwidth or MFU share)")
+    fig.set_size_inches(9, 14)
     table = rec.get("table") or []
-    panels = (("decode: generated tok/s", "tok_s", ("rewrite", "critique", "refine")),
-              ("verdict prefill: prompt tok/s", "prompt_tok_s", ("verdict",)),
-              ("video judge: videos/s", "videos_per_s", ("video judge",)))
-    for (a,), (title, key, stages) in zip(ax, panels):
-        rows = [r for r in table if r["stage"] in stages and r.get(key)]
+
+    def of(stages, key):
+        return [r for r in table if r["stage"] in stages and r.get(key)]
+
+    panels = (("decode: generated tok/s", "tok_s", of(("rewrite", "critique", "refine"), "tok_s")),
+              ("verdict prefill: prompt tok/s", "prompt_tok_s", of(("verdict",), "prompt_tok_s")),
+              ("rows/s per stage: old path vs engine", "rows_per_s",
+               [r for r in table if r.get("compare") and r.get("rows_per_s")]),
+              ("video judge: videos/s", "videos_per_s", of(("video judge",), "videos_per_s")))
+    for (a,), (title, key, rows) in zip(ax, panels):
         if not rows:
             _empty(a, f"{title}: not measured")
             continue
         labels = [f"{r['model']} {r['stage']}: {r['variant']}" for r in rows]
         vals = [r[key] for r in rows]
-        a.barh(range(len(rows)), vals, color="tab:blue")
+        a.barh(range(len(rows)), vals, color=["tab:gray" if r.get("compare") == "old" else "tab:blue" for r in rows])
         for i, v in enumerate(vals):
             share = rows[i].get("bandwidth_util_datasheet") or rows[i].get("mfu_datasheet")
-            a.text(v, i, f" {v:.3g}" + (f" ({share:.0%})" if share else ""), va="center", fontsize=7)
+            gain = rows[i].get("x_old_path") if key == "rows_per_s" else None
+            a.text(v, i, f" {v:.3g}" + (f" ({share:.0%})" if share and not gain else "") +
+                   (f" ({gain:g}x old)" if gain and rows[i].get("compare") == "engine" else ""), va="center", fontsize=7)
         a.set_yticks(range(len(rows)))
         a.set_yticklabels(labels, fontsize=7)
         a.invert_yaxis()
