@@ -48,6 +48,40 @@ def test_forced_lengths_end_rows_as_natural_stops(engine):
     assert [(c.n_tokens, c.finish_reason) for c in out] == [(3, "length"), (5, "stop")]
 
 
+def test_weights_random_rows_end_where_the_reference_forced_length_processor_ends_them(tiny_cache):
+    """weights=random: the engine carries the output model, and rows given its drawn lengths end where
+    HF `generate` with the reference processors (vpo_ray.sampling.forced_length + row sampler) ends them."""
+    import torch
+
+    from vpo_ray.config import RandomOutputsConfig
+    from vpo_ray.models import random_weights, registry
+    from vpo_ray.sampling import forced_length, row_sampler
+
+    outputs = RandomOutputsConfig(rewrite_tokens=7, length_spread=0.5, min_tokens=2)
+    eng = LLMEngine(registry.model_ref("tiny", "optimizer", "random", outputs), device="cpu")
+    assert eng.random_outputs == outputs
+    sampling = SamplingConfig(max_new_tokens=12, temperature=0.9, top_p=0.95)
+    msgs, seeds = [_msgs(t) for t in ROWS], [31, 32, 33, 34, 35]
+    lengths = random_weights.draw_lengths(eng.random_outputs, "rewrite", seeds, sampling.max_new_tokens) + [30]
+    msgs, seeds = msgs + [_msgs("one more")], seeds + [36]  # and one row forced past its limit
+    assert len(set(lengths)) > 2
+    got = eng.generate(msgs, seeds, sampling, forced_lengths=lengths)
+
+    prompts = eng.prompt_ids(msgs)
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    processors = [forced_length(lengths, [12] * len(msgs), width, eng.eos_ids),
+                  row_sampler([0.9] * len(msgs), [0.95] * len(msgs), seeds, "cpu")]
+    with torch.inference_mode():
+        ref = eng.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                 logits_processor=processors, eos_token_id=eng.eos_ids, pad_token_id=0)[:, width:]
+    for i, (row, c) in enumerate(zip(ref.tolist(), got)):
+        n = next((k for k, t in enumerate(row) if t in eng.eos_ids), 12)
+        assert (c.n_tokens, c.finish_reason) == (min(lengths[i], 12), "stop" if lengths[i] < 12 else "length"), i
+        assert n == c.n_tokens and c.text == eng.tok.decode(row[:n], skip_special_tokens=True).strip(), i
+
+
 # ---------------------------------------------------------------------------- the batched engine
 
 ROWS = ["a red kite", "waves crashing on rocks at dusk", "city", "a fox running through a snowy forest at dawn",
