@@ -42,7 +42,7 @@ def test_few_shot_source_sends_the_few_shot_optimizer_messages(monkeypatch):
     sent = []
 
     class FakeEngine:  # records what the Rewriter stage sends to its model
-        def __init__(self, model, device=None):
+        def __init__(self, model, device=None, config=None):
             pass
 
         def generate(self, messages_list, seeds, sampling, prefills=None, stop=()):
