@@ -129,9 +129,9 @@ def build_dataset(rows: list[dict], cfg: GenerateConfig, models: dict, wrap: Opt
         return ds.map_batches(wrap(cls, name), fn_constructor_kwargs=kwargs, **placement.map_kwargs(plan.pools[name]))
 
     rewrite = dict(model=models["optimizer"], num_samples=cfg.num_samples, sampling=to_dict(cfg.sampling),
-                   seed=cfg.seed)
+                   seed=cfg.seed, engine=to_dict(cfg.llm_engine))
     judge = dict(model=models["judge"], sampling=to_dict(cfg.judge_sampling), endpoint=to_dict(cfg.judge_endpoint),
-                 refine=cfg.refine, seed=cfg.seed)
+                 refine=cfg.refine, seed=cfg.seed, engine=to_dict(cfg.llm_engine))
     batch = plan.pools["llm" if "llm" in plan.pools else "rewrite"].batch_size
     n_blocks = max(1, min(len(rows), 64, len(rows) // max(1, batch)))
     ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
