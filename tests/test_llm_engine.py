@@ -201,3 +201,19 @@ def test_compiled_step_generates_what_the_eager_step_does():
     sampling = SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=0.9)
     msgs, seeds = [_msgs(t) for t in ROWS[:3]], [1, 2, 3]
     assert _engine(compile=True).generate(msgs, seeds, sampling) == _engine().generate(msgs, seeds, sampling)
+
+
+def test_a_generate_jobs_llm_engine_settings_reach_both_llm_stages(tiny_cache):
+    """`vpo generate ... llm_engine.backend=hf max_batch_rows=4`: the rewrite and judge stages run
+    with those settings, and one shared actor keeps one engine for both."""
+    from vpo_ray.config import GenerateConfig, load_config
+    from vpo_ray.pipeline import flow
+
+    cfg = load_config(GenerateConfig, None, ["preset=tiny", "kind=sft", "llm_engine.backend=hf",
+                                             "llm_engine.max_batch_rows=4"])
+    tiny = flow.resolve_models(cfg)["judge"]
+    rewrite, judge = flow.llm_stage_kwargs(cfg, {"optimizer": tiny, "judge": tiny})
+    stage = flow.RewriteAndJudge(rewrite=rewrite, judge=judge)
+    engine = stage.rewriter.engine
+    assert engine is stage.critic.backend.engine
+    assert (engine.backend, engine.cfg.max_batch_rows) == ("hf", 4)

@@ -114,6 +114,15 @@ def pool_requests(cfg: GenerateConfig, models: dict) -> list[placement.PoolReque
     return out
 
 
+def llm_stage_kwargs(cfg: GenerateConfig, models: dict) -> tuple[dict, dict]:
+    """Constructor arguments of the Rewriter and the Critic (also RewriteAndJudge's two halves)."""
+    rewrite = dict(model=models["optimizer"], num_samples=cfg.num_samples, sampling=to_dict(cfg.sampling),
+                   seed=cfg.seed, engine=to_dict(cfg.llm_engine))
+    judge = dict(model=models["judge"], sampling=to_dict(cfg.judge_sampling), endpoint=to_dict(cfg.judge_endpoint),
+                 refine=cfg.refine, seed=cfg.seed, engine=to_dict(cfg.llm_engine))
+    return rewrite, judge
+
+
 def build_dataset(rows: list[dict], cfg: GenerateConfig, models: dict, wrap: Optional[Wrap] = None,
                   plan: Optional[placement.Plan] = None):
     """(dataset, placement plan) of the whole flow over `rows` (query records with error/error_stage)."""
@@ -128,10 +137,7 @@ def build_dataset(rows: list[dict], cfg: GenerateConfig, models: dict, wrap: Opt
     def stage(ds, cls, name: str, **kwargs):
         return ds.map_batches(wrap(cls, name), fn_constructor_kwargs=kwargs, **placement.map_kwargs(plan.pools[name]))
 
-    rewrite = dict(model=models["optimizer"], num_samples=cfg.num_samples, sampling=to_dict(cfg.sampling),
-                   seed=cfg.seed, engine=to_dict(cfg.llm_engine))
-    judge = dict(model=models["judge"], sampling=to_dict(cfg.judge_sampling), endpoint=to_dict(cfg.judge_endpoint),
-                 refine=cfg.refine, seed=cfg.seed, engine=to_dict(cfg.llm_engine))
+    rewrite, judge = llm_stage_kwargs(cfg, models)
     batch = plan.pools["llm" if "llm" in plan.pools else "rewrite"].batch_size
     n_blocks = max(1, min(len(rows), 64, len(rows) // max(1, batch)))
     ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
