@@ -95,7 +95,8 @@ def loop_configs(overrides: tuple[str, ...] = ()) -> list:
     configs = []
     for kind, optimizer in (("sft", None), ("dpo", "/mnt/vpo/runs/loop/round_0/sft/model")):
         configs.append(vcfg.load_config(vcfg.GenerateConfig, None, sections["generate"], **{
-            **values["generate"], "kind": kind, "queries": args.queries, "out": "o", "preset": args.preset,
+            **values["generate"], "kind": kind, "queries": getattr(args, f"{kind}_queries") or args.queries, "out": "o",
+            "preset": args.preset,
             "optimizer": optimizer}))
         configs.append(vcfg.load_config(vcfg.TrainConfig, None, sections["train"] + sections[kind], **{
             **values["train"], **values[kind], "method": kind, "data": "d", "out": "o", "preset": args.preset,

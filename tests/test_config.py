@@ -68,14 +68,19 @@ def test_override_syntax():
         parse_override("novalue")
 
 
-def test_checklist_from_yaml(tmp_path):
-    f = tmp_path / "c.yaml"
-    f.write_text("checklist:\n  - {id: a, question: 'Q {query}?', weight: 2}\n")
+def test_checklist_is_a_file_named_in_yaml(tmp_path):
+    from vpo_ray.data.checklist import load_checklist
+
+    c = tmp_path / "mine.yaml"
+    c.write_text("questions:\n  - {id: a, question: 'Q {query}?', weight: 2}\n")
+    f = tmp_path / "g.yaml"
+    f.write_text(f"checklist: {c}\n")
     cfg = load_config(GenerateConfig, f)
-    assert len(cfg.checklist) == 1 and cfg.checklist[0].weight == 2.0
-    with pytest.raises(ConfigError, match=r"checklist\[0\]\.wieght"):
-        f.write_text("checklist:\n  - {id: a, question: q, wieght: 2}\n")
-        load_config(GenerateConfig, f)
+    items = load_checklist(cfg.checklist).items
+    assert len(items) == 1 and items[0].weight == 2.0 and items[0].ask("a cat") == "Q a cat?"
+    c.write_text("questions:\n  - {id: a, question: q, wieght: 2}\n")
+    with pytest.raises(ConfigError, match=r"mine.yaml question 0: unknown key 'wieght'"):
+        load_checklist(cfg.checklist)
 
 
 def test_replace_dotted():

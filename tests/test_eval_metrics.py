@@ -2,7 +2,9 @@
 import numpy as np
 import pytest
 
-from vpo_ray.config import DEFAULT_CHECKLIST, ChecklistItem
+from vpo_ray.data.checklist import ChecklistItem, load_checklist
+
+DEFAULT_CHECKLIST = load_checklist("vpo_ray").items
 from vpo_ray.eval import metrics as M
 from vpo_ray.eval import report
 
@@ -62,12 +64,14 @@ def test_dimension_scores_are_weighted_means_per_dimension():
                  ChecklistItem("m1", "q", 1.0, "motion"), ChecklistItem("s1", "q", 3.0, "safety")]
     answers = [{"id": "a1", "answer": True, "p_yes": 0.9}, {"id": "a2", "answer": False, "p_yes": 0.3},
                {"id": "m1", "answer": True, "p_yes": 0.6}, {"id": "zz", "answer": True, "p_yes": 1.0}]
-    d = M.dimension_scores(answers, checklist)
+    d = M.dimension_scores(answers, checklist, score="soft")
     assert d == pytest.approx({"alignment": (2 * 0.9 + 0.3) / 3, "motion": 0.6})  # no safety answer, unknown id ignored
+    # binary (the default, VisionReward/VPO's rule): yes answers count 1, no answers 0
+    assert M.dimension_scores(answers, checklist) == pytest.approx({"alignment": 2 / 3, "motion": 1.0})
     assert M.dimensions_of(DEFAULT_CHECKLIST) == ["alignment", "quality", "motion", "physics", "safety"]
     assert M.max_score(checklist) == 7.0
     as_dicts = [{"id": c.id, "weight": c.weight, "dimension": c.dimension} for c in checklist]
-    assert M.dimension_scores(answers, as_dicts) == pytest.approx(d)
+    assert M.dimension_scores(answers, as_dicts, score="soft") == pytest.approx(d)
 
 
 def _video(qid, seed, score, p=0.5, error=""):
@@ -97,11 +101,13 @@ def test_win_rate_counts_ties_half_and_averages_seeds_within_a_query():
 
 def test_per_dimension_means_over_queries_in_percent():
     videos = [_video("q1", 0, 1.0, p=0.2), _video("q1", 1, 1.0, p=0.4), _video("q2", 0, 1.0, p=0.9)]
-    v = M.video_metrics(videos, DEFAULT_CHECKLIST, n_boot=200)
+    v = M.video_metrics(videos, DEFAULT_CHECKLIST, n_boot=200, score="soft")
     for d in ("alignment", "quality", "motion", "physics", "safety"):
         assert v["dimensions"][d]["value"] == pytest.approx(100 * (0.3 + 0.9) / 2)
         lo, hi = v["dimensions"][d]["ci"]
         assert 30.0 - 1e-9 <= lo <= hi <= 90.0 + 1e-9
+    binary = M.video_metrics(videos, DEFAULT_CHECKLIST, n_boot=0)  # q1: no, no -> 0; q2: yes -> 1
+    assert binary["dimensions"]["alignment"]["value"] == pytest.approx(100 * (0.0 + 1.0) / 2)
 
 
 def test_markdown_table_has_the_papers_columns_and_intervals():

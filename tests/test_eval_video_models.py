@@ -85,11 +85,12 @@ def test_second_judge_scores_every_video_and_guards_win_rates(eval_run):
 
 @pytest.mark.parametrize("second_judge_agrees, suspect", [(True, False), (False, True)])
 def test_a_gain_only_the_training_judge_sees_is_flagged(second_judge_agrees, suspect):
-    from vpo_ray.config import DEFAULT_CHECKLIST
+    from vpo_ray.data.checklist import load_checklist
     from vpo_ray.eval import metrics as M
     from vpo_ray.eval.video_models import add_holdout_metrics
 
-    answers = [{"id": c.id, "answer": True, "p_yes": 0.9} for c in DEFAULT_CHECKLIST]
+    checklist = load_checklist("vpo_ray").as_dicts()
+    answers = [{"id": c["id"], "answer": True, "p_yes": 0.9} for c in checklist]
     videos = []
     for q in range(12):
         for source, train, held in (("original", 3.0, 5.0), ("tuned", 6.0, 6.0 if second_judge_agrees else 4.0)):
@@ -98,9 +99,9 @@ def test_a_gain_only_the_training_judge_sees_is_flagged(second_judge_agrees, sus
                            "holdout_checklist": answers, "holdout_error": ""})
     cfg = load_config(EvalConfig, None, ["holdout_judge=tiny-video-judge-2", "bootstrap=200"])
     base = {(v["query_id"], v["seed"]): v["score"] for v in videos if v["source"] == "original"}
-    metrics = {s: {"video": M.video_metrics([v for v in videos if v["source"] == s], cfg.checklist, n_boot=200,
+    metrics = {s: {"video": M.video_metrics([v for v in videos if v["source"] == s], checklist, n_boot=200,
                                             baseline=None if s == "original" else base)} for s in ("original", "tuned")}
-    guard = add_holdout_metrics(metrics, videos, cfg)
+    guard = add_holdout_metrics(metrics, videos, cfg, checklist)
     assert guard == {"tuned": {"training_judge_win": 100.0, "second_judge_win": 100.0 if second_judge_agrees else 0.0,
                                "suspect": suspect}}
     assert metrics["tuned"]["holdout"]["score"]["value"] == pytest.approx(6.055 if second_judge_agrees else 4.055)

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from vpo_ray.config import GenerateConfig, load_config
+from vpo_ray.config import GenerateConfig, load_config_with_defaults
+from vpo_ray.models.registry import preset_job_defaults
 from vpo_ray.pipeline.generate import run_generate
 
 QUERIES = [
@@ -36,8 +37,10 @@ def queries_file(tmp_path_factory):
 
 
 def cfg_for(kind, queries, out, *extra):
-    return load_config(GenerateConfig, None, [f"kind={kind}", f"queries={queries}", f"out={out}", "preset=tiny",
-                                              "num_samples=2", *FAST, *extra])
+    """As `vpo generate --preset tiny` builds it: the tiny preset's job defaults under the overrides."""
+    return load_config_with_defaults(GenerateConfig, None, [f"kind={kind}", f"queries={queries}", f"out={out}",
+                                                            "preset=tiny", "num_samples=2", *FAST, *extra],
+                                     preset_job_defaults("tiny"))
 
 
 def ids_everywhere(out, kind):
@@ -87,7 +90,12 @@ def test_sft_set_loads_with_datasets_in_chat_format(sft_run):
     ds = load_dataset("parquet", data_files=os.path.join(out, "sft.parquet"), split="train")
     assert len(ds) == summary["output_rows"]
     roles = [m["role"] for m in ds[0]["messages"]]
-    assert roles == ["system", "user", "assistant"] and ds[0]["messages"][2]["content"]
+    assert roles == ["user", "assistant"] and ds[0]["messages"][1]["content"]  # official: no system turn
+    # the optimizer saw each query as typed, flags included
+    cat = next(r for r in ds if "cat playing piano" in r["messages"][0]["content"])
+    assert cat["messages"][0]["content"].endswith("User Query:a cat playing piano in a jazz bar -ar 16:9\n\nVideo Prompt:")
+    # the tiny preset keeps generations cut at its short limit, and says so
+    assert summary["truncated"]["policy"] == "keep" and all(ds["truncated"])
 
 
 def test_output_folder_loads_with_datasets_by_its_card(sft_run):
@@ -120,18 +128,24 @@ def test_rerun_does_no_new_work(sft_run, queries_file):
 def test_dpo_set_with_videos(ray_session, queries_file, tmp_path):
     from datasets import load_dataset
 
+    from vpo_ray.data.checklist import load_checklist
     from vpo_ray.video_io import video_info
 
     out = str(tmp_path)
-    # Two seeds per passing prompt and a wide judge margin of 0 so video pairs can form on random models.
+    # Two seeds per sample and a margin of 0 so video pairs can form on random models.
     summary = run_generate(cfg_for("dpo", queries_file, out, "video.seeds_per_prompt=2", "pair_margin=0.0"))
     check_accounting(summary, out, "dpo")
     videos = [json.loads(l) for l in open(os.path.join(out, "videos.jsonl"))]
     ok = [v for v in videos if v["video_uri"] and not v["error"]]
     assert ok and summary["stages"]["render"]["videos"] == len(ok)
+    weights = load_checklist("vpo_ray").weights()
     for v in ok[:3]:
         assert video_info(v["video_uri"])["frames"] == 9
-        assert len(v["checklist"]) == 8 and v["score"] > 0
+        assert len(v["checklist"]) == 8  # binary: the score is the weight sum of the yes answers
+        assert v["score"] == pytest.approx(sum(weights[a["id"]] for a in v["checklist"] if a["answer"]))
+    # render=all: every sample with a prompt is rendered, judged or not passing
+    cands = [c for r in map(json.loads, open(os.path.join(out, "candidates.jsonl"))) for c in r["candidates"]]
+    assert len(ok) == 2 * sum(1 for c in cands if c["prompt"] and not c["error"])
     ds = load_dataset("parquet", data_files=os.path.join(out, "dpo.parquet"), split="train")
     assert len(ds) == summary["output_rows"]
     for row in ds:

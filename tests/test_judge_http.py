@@ -1,90 +1,24 @@
 """The OpenAI-compatible judge back-end against a scripted local server on 127.0.0.1."""
-import json
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import pytest
+from chat_server import GOOD_NO, GOOD_YES, REFINED, Script, chat_server
 
-from vpo_ray.config import JudgeEndpointConfig, SamplingConfig
+from vpo_ray.config import EndpointConfig, SamplingConfig
 from vpo_ray.pipeline.judge_http import HttpJudge
 from vpo_ray.schema import Judgement
-
-GOOD_YES = "Step-by-step verification: faithful and safe.\nFinal Judgement (Yes or No): Yes"
-GOOD_NO = "Step-by-step verification: drops the subject.\nFinal Judgement (Yes or No): No"
-REFINED = "Reflection on how to refine the prompt: add it.\nFinal Refined Prompt: [[start]] A calm lake at dawn. [[end]]"
-
-
-class Script:
-    """Per-prompt queue of behaviours; the last one repeats."""
-
-    def __init__(self):
-        self.plan: dict[str, list] = {}
-        self.calls: dict[str, int] = {}
-        self.auth: list = []
-        self.active = 0
-        self.max_active = 0
-        self.lock = threading.Lock()
-
-    def next(self, key):
-        with self.lock:
-            i = self.calls.get(key, 0)
-            self.calls[key] = i + 1
-            steps = self.plan.get(key, [("ok", GOOD_YES)])
-            return steps[min(i, len(steps) - 1)]
 
 
 @pytest.fixture
 def server():
     script = Script()
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
-
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            script.auth.append(self.headers.get("Authorization"))
-            key = body["messages"][-1]["content"]
-            key = next((k for k in script.plan if k in key), key)
-            with script.lock:
-                script.active += 1
-                script.max_active = max(script.max_active, script.active)
-            try:
-                kind, arg = script.next(key)
-                if kind == "sleep":
-                    time.sleep(arg)
-                    kind, arg = "ok", GOOD_YES
-                if kind == "status":
-                    self.send_response(arg)
-                    if arg == 429:
-                        self.send_header("Retry-After", "0.05")
-                    self.end_headers()
-                    self.wfile.write(b'{"error": "busy"}')
-                    return
-                payload = {"garbage": b"<html>oops", "schema": json.dumps({"result": "Yes"}).encode(),
-                           }.get(kind) or json.dumps({"choices": [{"message": {"role": "assistant", "content": arg}}]}).encode()
-                if kind == "slow":
-                    time.sleep(0.2)
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                self.wfile.write(payload)
-            finally:
-                with script.lock:
-                    script.active -= 1
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    t = threading.Thread(target=httpd.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1", script
-    httpd.shutdown()
+    with chat_server(script) as url:
+        yield url, script
 
 
-def judge(url, **kw):
-    cfg = JudgeEndpointConfig(base_url=url, max_retries=kw.pop("max_retries", 3), timeout_s=kw.pop("timeout_s", 2.0),
-                              backoff_s=0.01, **kw)
-    return HttpJudge(cfg, SamplingConfig(temperature=0.0))
+def judge(url, truncation="error", keep_multiline=False, sampling=None, **kw):
+    cfg = EndpointConfig(base_url=url, max_retries=kw.pop("max_retries", 3), timeout_s=kw.pop("timeout_s", 2.0),
+                         backoff_s=0.01, **kw)
+    return HttpJudge(cfg, sampling or SamplingConfig(temperature=0.0), truncation=truncation,
+                     keep_multiline=keep_multiline)
 
 
 def test_verdicts_and_reasons(server):
@@ -135,16 +69,76 @@ def test_refine_and_key_from_env(server, monkeypatch):
     monkeypatch.setenv("MY_JUDGE_KEY", "sk-test-123")
     script.plan = {"Based on your judgement": [("ok", "no markers"), ("ok", REFINED)]}
     j = judge(url, api_key_env="MY_JUDGE_KEY")
-    assert j.refine([("q", "a lake", "bad prompt", 0, "drops the lake")]) == ["A calm lake at dawn."]
+    assert j.refine([("q", "a lake", "bad prompt", 0, "drops the lake")]) == [("A calm lake at dawn.", False)]
     assert script.auth[-1] == "Bearer sk-test-123"
 
 
 def test_refine_failure_is_empty(server):
     url, script = server
     script.plan = {"Based on your judgement": [("status", 500)]}
-    assert judge(url, max_retries=1).refine([("q", "a lake", "bad", 0, "r")]) == [""]
+    (r,) = judge(url, max_retries=1).refine([("q", "a lake", "bad", 0, "r")])
+    assert isinstance(r, str) and "HTTP 500" in r
 
 
 def test_unreachable_endpoint():
     (v,) = judge("http://127.0.0.1:9/v1", max_retries=1, timeout_s=0.5).judge([("q", "x", "p", 0)])
     assert isinstance(v, str) and "connection error" in v
+
+
+# ---------------------------------------------------------------------------- the official exchange
+
+def test_requests_follow_the_official_calls(server):
+    """gpt4o_infer.py: system + user turn, temperature 0.7, no max_tokens, no top_p."""
+    url, script = server
+    judge(url, sampling=SamplingConfig(temperature=0.7, top_p=1.0)).judge([("q", "a cat -ar 16:9", "A cat.", 0)])
+    (body,) = script.bodies
+    assert [m["role"] for m in body["messages"]] == ["system", "user"]
+    assert "You are ChatGPT" in body["messages"][0]["content"]
+    assert 'User Query: “a cat -ar 16:9”' in body["messages"][1]["content"]
+    assert body["temperature"] == 0.7 and "max_tokens" not in body and "top_p" not in body
+    judge(url, max_tokens=512).judge([("q", "a dog", "A dog.", 0)])
+    assert script.bodies[-1]["max_tokens"] == 512
+
+
+def test_refine_turn_follows_the_critique(server):
+    url, script = server
+    script.plan = {"Based on your judgement": [("ok", REFINED)]}
+    judge(url).refine([("q", "a lake", "bad prompt", 0, "drops the lake")])
+    msgs = script.bodies[-1]["messages"]
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
+    assert msgs[2]["content"] == "Step-by-step verification: drops the lake\nFinal Judgement (Yes or No): No"
+    assert msgs[3]["content"].endswith("Final Refined Prompt: [[start]] xxx [[end]]")
+
+
+def test_cut_critique_is_truncated_not_a_verdict(server):
+    url, script = server
+    script.plan = {"P": [("cut", "Step-by-step verification: the prompt")]}
+    (v,) = judge(url).judge([("q", "query", "P", 0)])
+    assert v == "truncated" and script.calls["P"] == 1  # the same limit again would cut it again
+
+
+@pytest.mark.parametrize("reply, keep_multiline, expected", [
+    ("Reflection: x\nFinal Refined Prompt: [[start]] First. [[end]] [[start]] Second. [[end]]", False,
+     ("First.", False)),
+    ("[[start]] line one\nline two [[end]]", False, "refined prompt holds a newline"),
+    ("[[start]] line one\nline two [[end]]", True, ("line one\nline two", False)),
+])
+def test_refinement_rules(server, reply, keep_multiline, expected):
+    url, script = server
+    script.plan = {"Based on your judgement": [("ok", reply)]}
+    (r,) = judge(url, keep_multiline=keep_multiline).refine([("q", "a lake", "bad", 0, "r")])
+    assert r == expected
+    assert script.calls["Based on your judgement"] == 1  # a multi-line refinement is dropped, not asked again
+
+
+@pytest.mark.parametrize("truncation, expected", [("error", "truncated"), ("keep", ("A calm lake at", True))])
+def test_refinement_cut_inside_its_block(server, truncation, expected):
+    url, script = server
+    script.plan = {"Based on your judgement": [("cut", "Reflection: fine.\nFinal Refined Prompt: [[start]] A calm lake at")]}
+    assert judge(url, truncation=truncation).refine([("q", "a lake", "bad", 0, "r")]) == [expected]
+
+
+def test_complete_block_in_a_reply_cut_later_is_used(server):
+    url, script = server
+    script.plan = {"Based on your judgement": [("cut", "[[start]] A calm lake. [[end]] and then it rambled")]}
+    assert judge(url).refine([("q", "a lake", "bad", 0, "r")]) == [("A calm lake.", False)]

@@ -20,10 +20,11 @@ def cand(qid, idx, prompt, verdict=None, refined=None, query=None):
     return row
 
 
-def video(qid, idx, prompt, answers, seed=0, score=0.0):
-    checklist = [{"id": k, "answer": a, "p_yes": float(a)} for k, a in zip(WEIGHTS, answers)]
+def video(qid, idx, prompt, answers, seed=0, p_yes=None):
+    p_yes = p_yes or [float(a) for a in answers]
+    checklist = [{"id": k, "answer": a, "p_yes": p} for k, a, p in zip(WEIGHTS, answers, p_yes)]
     return schema.Video(qid, idx, seed, "tiny-t2v", f"file:///v/{qid}-{idx}-{seed}.mp4", 9, 8, prompt,
-                        json.dumps(checklist), score).to_row()
+                        json.dumps(checklist)).to_row()
 
 
 # ----------------------------------------------------------------------------- dominance
@@ -89,12 +90,13 @@ def test_gap_of_exactly_the_margin_is_not_enough():
     assert len(video_pairs(vids, WEIGHTS, margin=0.49, queries=QUERIES)) == 1
 
 
-def test_stored_scores_are_used_without_weights():
-    a = video("q1", 0, "prompt A", [True, True, True], score=3.0)
-    b = video("q1", 1, "prompt B", [True, False, True], score=2.5)
-    assert video_pairs({"q1": [a, b]}, None, margin=0.5, queries=QUERIES) == []
-    b["score"] = 2.4
-    assert video_pairs({"q1": [a, b]}, None, margin=0.5, queries=QUERIES)[0]["scores"]["rejected_score"] == 2.4
+def test_soft_scores_weigh_p_yes_but_dominance_stays_on_answers():
+    a = video("q1", 0, "prompt A", [True, True, True], p_yes=[0.6, 0.6, 0.6])  # soft 2.1, binary 3.5
+    b = video("q1", 1, "prompt B", [True, False, True], p_yes=[0.6, 0.1, 0.6])  # soft 1.6, binary 2.5
+    assert video_pairs({"q1": [a, b]}, WEIGHTS, margin=0.5, score="soft", queries=QUERIES) == []  # gap 0.5
+    (pair,) = video_pairs({"q1": [a, b]}, WEIGHTS, margin=0.49, score="soft", queries=QUERIES)
+    assert pair["scores"]["chosen_score"] == pytest.approx(2.1) and pair["scores"]["rejected_score"] == pytest.approx(1.6)
+    assert video_pairs({"q1": [a, b]}, WEIGHTS, margin=0.5, queries=QUERIES)[0]["scores"]["gap"] == 1.0  # binary
 
 
 def test_higher_score_without_dominance_makes_no_pair():
@@ -103,15 +105,49 @@ def test_higher_score_without_dominance_makes_no_pair():
     assert video_pairs(vids, WEIGHTS, queries=QUERIES) == []
 
 
-def test_largest_gap_wins_and_ties_go_to_lowest_sample_idx():
+# Four videos of one query, answers over (align 2.0, quality 1.0, motion 0.5); binary scores.
+FOUR = [("prompt A", [True, False, False]),   # 2.0
+        ("prompt B", [True, True, False]),    # 3.0
+        ("prompt C", [True, True, True]),     # 3.5
+        ("prompt D", [False, False, False])]  # 0.0
+
+
+@pytest.mark.parametrize("order, select, margin, expected", [
+    # first: i, then j, in sample order (the official double loop), not the largest gap
+    ([0, 1, 2, 3], "first", 0.5, ("prompt A", "prompt D")),   # A over D (gap 2.0) is met first
+    ([1, 0, 2, 3], "first", 0.5, ("prompt B", "prompt A")),   # sample order decides, not list order
+    ([0, 1, 2, 3], "first", 2.5, ("prompt B", "prompt D")),   # A-D gap 2.0 too small; B-D 3.0
+    ([0, 1, 2, 3], "first", 3.5, None),                       # best gap is 3.5: not > 3.5
+    ([0, 1, 2, 3], "largest-gap", 0.5, ("prompt C", "prompt D")),
+    ([1, 0, 2, 3], "largest-gap", 0.5, ("prompt C", "prompt D")),
+])
+def test_video_pair_selection_table(order, select, margin, expected):
+    """`order`: which of FOUR is sample 0, 1, 2, 3."""
+    vids = [video("q1", sample_idx, *FOUR[which]) for sample_idx, which in enumerate(order)]
+    got = video_pairs({"q1": vids}, WEIGHTS, margin=margin, select=select, queries=QUERIES)
+    assert (None if not got else (got[0]["chosen"], got[0]["rejected"])) == expected
+
+
+def test_first_is_in_sample_order_whatever_the_input_order():
+    vids = [video("q1", i, *FOUR[i]) for i in range(4)]
+    assert video_pairs({"q1": vids[::-1]}, WEIGHTS, queries=QUERIES)[0]["chosen"] == "prompt A"
+
+
+def test_largest_gap_ties_go_to_the_lowest_sample_idx():
     vids = {"q1": [video("q1", 0, "prompt A", [True, True, False]),   # 3.0
                    video("q1", 1, "prompt B", [True, True, False]),   # 3.0 (same gap as A)
-                   video("q1", 2, "prompt C", [True, False, False]),  # 2.0
-                   video("q1", 3, "prompt D", [False, False, False])]}  # 0.0
-    (pair,) = video_pairs(vids, WEIGHTS, queries=QUERIES)
+                   video("q1", 2, "prompt D", [False, False, False])]}  # 0.0
+    (pair,) = video_pairs(vids, WEIGHTS, select="largest-gap", queries=QUERIES)
     assert (pair["chosen"], pair["rejected"]) == ("prompt A", "prompt D")
-    vids["q1"].reverse()  # input order does not change the choice
-    assert video_pairs(vids, WEIGHTS, queries=QUERIES)[0]["chosen"] == "prompt A"
+    vids["q1"].reverse()
+    assert video_pairs(vids, WEIGHTS, select="largest-gap", queries=QUERIES)[0]["chosen"] == "prompt A"
+
+
+def test_unknown_select_or_score_is_an_error():
+    with pytest.raises(ValueError, match="select"):
+        video_pairs({}, WEIGHTS, select="best")
+    with pytest.raises(ValueError, match="score"):
+        video_pairs({}, WEIGHTS, score="probabilistic")
 
 
 def test_two_seeds_of_the_same_prompt_never_pair():
@@ -172,9 +208,20 @@ def test_dpo_set_with_more_pairs_per_query_keeps_text_before_video():
 def test_dpo_prompt_is_the_optimizer_chat_prompt_for_the_query():
     texts, vids = _pairs()
     row = build_dpo_set(texts, vids)[1]
-    msgs = prompts.optimizer_messages("city at night")
-    assert row["prompt"] == [{"role": "system", "content": msgs[0]["content"]},
-                             {"role": "user", "content": msgs[-1]["content"]}]
+    assert row["prompt"] == prompts.optimizer_messages("city at night")
+    assert [m["role"] for m in row["prompt"]] == ["user"]  # official: one user turn, no system message
+
+
+def test_truncated_texts_mark_their_pairs():
+    cut = cand("q1", 0, "a cat", verdict=False, refined="A cat plays.", query="a cat")
+    cut["refine_truncated"] = True
+    (pair,) = text_pairs([cut])
+    assert pair["truncated"] is True
+    assert build_dpo_set([pair], [])[0]["truncated"] is True
+    a, b = video("q1", 0, "prompt A", [True, True, True]), video("q1", 1, "prompt B", [False, False, False])
+    assert video_pairs({"q1": [a, b]}, WEIGHTS, queries=QUERIES)[0]["truncated"] is False
+    b["truncated"] = True
+    assert video_pairs({"q1": [a, b]}, WEIGHTS, queries=QUERIES)[0]["truncated"] is True
 
 
 def test_dpo_set_skips_repeated_pairs_and_checks_fields():

@@ -16,8 +16,41 @@ def test_templates_carry_the_three_principles_and_the_query():
     assert "[[start]]" in ref[-1]["content"]
 
 
+def test_official_optimizer_turn_is_one_user_message_with_the_raw_query():
+    """thu-coai/VPO src/llama3_infer.py: [{'role': 'user', 'content': sys_prompt.format(query)}]."""
+    msgs = prompts.optimizer_messages("city at night -ar 16:9 -camera zoom in")
+    assert [m["role"] for m in msgs] == ["user"]
+    assert msgs[0]["content"].startswith("In this task, your goal is to expand the user's short query")
+    assert msgs[0]["content"].endswith("User Query:city at night -ar 16:9 -camera zoom in\n\nVideo Prompt:")
+
+
+def test_optimizer_input_is_the_query_as_typed_unless_switched():
+    row = {"query": "  a cat -ar 16:9 -neg blur ", "text": "a cat"}
+    assert prompts.optimizer_input(row) == "a cat -ar 16:9 -neg blur"
+    assert prompts.optimizer_input(row, "text") == "a cat"
+
+
 def test_few_shot_adds_examples():
-    assert len(prompts.optimizer_messages("x", few_shot=True)) == 2 + 2 * len(prompts.FEW_SHOT_EXAMPLES)
+    assert len(prompts.optimizer_messages("x", few_shot=True)) == 1 + 2 * len(prompts.FEW_SHOT_EXAMPLES)
+
+
+def test_template_sets_and_files(tmp_path):
+    from vpo_ray.config import ConfigError, PromptsConfig
+
+    ours = prompts.load_templates(PromptsConfig(template_set="vpo_ray"))
+    assert [m["role"] for m in prompts.optimizer_messages("a cat", ours)] == ["system", "user"]
+    own = tmp_path / "opt.txt"
+    own.write_text("Rewrite {query} for a video. Braces {like this} stay.", encoding="utf-8")
+    t = prompts.load_templates(PromptsConfig(optimizer_template=str(own)))
+    assert prompts.optimizer_messages("a cat", t) == [
+        {"role": "user", "content": "Rewrite a cat for a video. Braces {like this} stay."}]
+    assert t.judge == prompts.default_templates().judge  # the other texts stay the set's
+    bad = tmp_path / "bad.txt"
+    bad.write_text("no placeholder here")
+    with pytest.raises(ConfigError, match=r"prompts.judge: template .*bad.txt lacks the placeholder\(s\) \{query\}"):
+        prompts.load_templates(PromptsConfig(judge_template=str(bad)))
+    with pytest.raises(ConfigError, match="cannot read template"):
+        prompts.load_templates(PromptsConfig(refine_template=str(tmp_path / "missing.txt")))
 
 
 @pytest.mark.parametrize("text, verdict", [
@@ -55,14 +88,19 @@ def test_judgement_failures_are_typed(text, why):
 @pytest.mark.parametrize("text, prompt", [
     ("Reflection on how to refine the prompt: add the cat.\nFinal Refined Prompt: [[start]] A cat on a sofa. [[end]]",
      "A cat on a sofa."),
-    ("[[start]]first[[end]] then [[START]] second one [[END]]", "second one"),
+    ("[[start]]first[[end]] then [[START]] second one [[END]]", "first"),  # the first block, as process_data.py
     ("Final Refined Prompt: [[start]] \"Quoted prompt\" [[end]]", "Quoted prompt"),
     ("[[start]] 一只猫在钢琴上跳舞 🎹 [[end]]", "一只猫在钢琴上跳舞 🎹"),
-    ("[[start]]\nmulti\nline\n[[end]]", "multi\nline"),
 ])
 def test_refinement_parses(text, prompt):
     r = prompts.parse_refinement(text)
     assert isinstance(r, ParsedRefinement) and r.prompt == prompt
+
+
+def test_multiline_refinement_is_dropped_unless_kept():
+    text = "[[start]]\nmulti\nline\n[[end]]"
+    assert prompts.parse_refinement(text).reason == prompts.MULTILINE
+    assert prompts.parse_refinement(text, keep_multiline=True).prompt == "multi\nline"
 
 
 def test_refinement_keeps_reflection():

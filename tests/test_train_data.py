@@ -48,7 +48,7 @@ def test_non_list_messages_names_row(tmp_path):
 
 def test_sft_without_assistant_answer(tmp_path):
     rows = sft_rows(3)
-    rows[0]["messages"] = rows[0]["messages"][:2]
+    rows[0]["messages"] = rows[0]["messages"][:-1]
     with pytest.raises(DataError, match=r"row 0: field 'messages' must end with an assistant message"):
         validate_training_set(write_jsonl(rows, tmp_path / "sft.jsonl"), "sft")
 
@@ -124,3 +124,28 @@ def test_config_rejects_bad_train_settings():
         load_config(TrainConfig, None, ["method=ppo"])
     with pytest.raises(ConfigError, match="offload"):
         load_config(TrainConfig, None, ["deepspeed_stage=0", "offload=true"])
+
+
+@pytest.mark.parametrize("completion_only_loss", [True, False])
+def test_sft_loss_is_on_the_response_tokens_only_by_default(tmp_path, tiny_cache, tokenizer, completion_only_loss):
+    """TRL's SFTTrainer on the set as `vpo train` loads it: which label positions are -100."""
+    from trl import SFTConfig, SFTTrainer
+
+    rows = sft_rows(2)
+    ds = load_for_trl(write_jsonl(rows, tmp_path / "sft.jsonl"), "sft", cache_dir=str(tmp_path / "cache"),
+                      completion_only_loss=completion_only_loss)
+    assert ds.column_names == (["prompt", "completion"] if completion_only_loss else ["messages"])
+    args = SFTConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", max_length=2048,
+                     dataset_num_proc=None, model_init_kwargs={"dtype": "float32"})
+    trainer = SFTTrainer(model=tiny_model_path(tiny_cache), args=args, train_dataset=ds, processing_class=tokenizer)
+    labels = trainer.data_collator([trainer.train_dataset[0]])["labels"][0].tolist()
+    ids = trainer.train_dataset[0]["input_ids"]
+    prompt = tokenizer.apply_chat_template(rows[0]["messages"][:-1], add_generation_prompt=True, tokenize=True)
+    n_prompt = len(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    answer = tokenizer.decode(ids[n_prompt:], skip_special_tokens=True).strip()
+    assert answer == rows[0]["messages"][-1]["content"]  # the tokens after the prompt are the response
+    assert labels[n_prompt:] == ids[n_prompt:]  # every response token is learned
+    if completion_only_loss:
+        assert labels[:n_prompt] == [-100] * n_prompt  # no loss on the template or the query
+    else:
+        assert labels[:n_prompt] == ids[:n_prompt]  # ablation: loss on every token of the chat

@@ -27,8 +27,7 @@ def sft_rows(n: int, seed: int = 0) -> list[dict]:
     for i in range(n):
         q = f"a {rng.choice(SUBJECTS)} {rng.choice(ACTIONS)}"
         msgs = optimizer_messages(q)
-        rows.append(schema.sft_row(schema.query_id(f"{q} {i}"), msgs[0]["content"], msgs[1]["content"],
-                                   f"{q}, {STYLE}."))
+        rows.append(schema.sft_row(schema.query_id(f"{q} {i}"), msgs, f"{q}, {STYLE}."))
     return rows
 
 
@@ -41,8 +40,8 @@ def dpo_rows(n: int, seed: int = 0) -> list[dict]:
         q = f"a {rng.choice(SUBJECTS)} {rng.choice(ACTIONS)}"
         msgs = optimizer_messages(q)
         rejected = " ".join(rng.choice(words) for _ in range(rng.randint(4, 9)))
-        rows.append(schema.dpo_row(schema.query_id(f"{q} {i}"), msgs[0]["content"], msgs[1]["content"],
-                                   f"{q}, {STYLE}.", rejected, "text", {"chosen": 1.0, "rejected": 0.0}))
+        rows.append(schema.dpo_row(schema.query_id(f"{q} {i}"), msgs, f"{q}, {STYLE}.", rejected, "text",
+                                   {"chosen": 1.0, "rejected": 0.0}))
     return rows
 
 

@@ -47,12 +47,12 @@ def test_video_set_is_written_with_its_schema_and_latents(video_set):
 def test_each_pair_is_two_seeds_of_one_prompt_preferred_by_the_checklist_rule(video_set):
     import pyarrow.parquet as pq
 
-    from vpo_ray.config import DEFAULT_CHECKLIST
+    from vpo_ray.data.checklist import load_checklist
 
     out, _ = video_set
     videos = {(json.loads(line)["query_id"], json.loads(line)["seed"], json.loads(line)["sample_idx"]):
               json.loads(line) for line in open(os.path.join(out, "videos.jsonl"))}
-    weights = {c.id: c.weight for c in DEFAULT_CHECKLIST}
+    weights = load_checklist("vpo_ray").weights()  # the run's checklist (the default)
     for row in pq.read_table(os.path.join(out, "video_dpo.parquet")).to_pylist():
         w = videos[(row["query_id"], row["chosen_seed"], row["sample_idx"])]
         l_ = videos[(row["query_id"], row["rejected_seed"], row["sample_idx"])]

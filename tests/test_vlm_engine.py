@@ -48,14 +48,15 @@ def test_prefix_reuse_gives_each_question_alone_p_yes(judge):
 
 
 def test_video_judge_answers_the_checklist_with_one_entry_per_question(judge, tiny_cache):
-    from vpo_ray.config import DEFAULT_CHECKLIST, to_dict
+    from vpo_ray.data.checklist import load_checklist
     from vpo_ray.pipeline.video_judge import VideoJudge
 
-    vj = VideoJudge("tiny-video-judge", [to_dict(c) for c in DEFAULT_CHECKLIST[:4]])
+    checklist = load_checklist("vpo_ray")
+    vj = VideoJudge("tiny-video-judge", checklist.as_dicts()[:4])
     videos = _videos()
     one = vj.answer(videos[0], "a red fox")
     many = vj.answer_many([vj.questions(f, "a red fox") for f in videos])
-    assert [a["id"] for a in one] == [c.id for c in DEFAULT_CHECKLIST[:4]]
+    assert [a["id"] for a in one] == [c.id for c in checklist.items[:4]]
     assert all(0 <= a["p_yes"] <= 1 and a["answer"] == (a["p_yes"] >= 0.5) for a in one)
     assert many[0] == one
 

@@ -18,9 +18,12 @@ from vpo_ray.config_loader import (ConfigError, _build, given_keys, load_config,
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    max_new_tokens: int = 256  # optimizer prompts are a paragraph; the paper caps at ~250 tokens
+    # Official rewriter (thu-coai/VPO src/llama3_infer.py): n=4, temperature 0.9, top-p 0.9,
+    # max_tokens 2048. A generation that reaches max_new_tokens is `truncated` (see
+    # GenerateConfig.truncation), never used as if complete.
+    max_new_tokens: int = 2048  # local generation limit; endpoints get max_tokens only if their config sets it
     temperature: float = 0.9  # diverse K samples per query
-    top_p: float = 0.95
+    top_p: float = 0.9
     seed: int = 0
 
 
@@ -132,15 +135,46 @@ class LLMEngineConfig:
 
 
 @dataclass(frozen=True)
-class JudgeEndpointConfig:
-    """An OpenAI-compatible chat endpoint used as text judge instead of a local model."""
-    base_url: Optional[str] = None  # e.g. http://127.0.0.1:8000/v1; None = local model judge
-    model: str = "judge"
+class EndpointConfig:
+    """An OpenAI-compatible chat endpoint (vLLM, TGI, a hosted API) standing in for a local model.
+
+    Used as `judge_endpoint` (critique + refine) and `teacher_endpoint` (the rewriter, e.g.
+    GPT-4o writing the SFT set as in the paper). Both share one client: bounded concurrency,
+    retries (vpo_ray.http_retry), and every failed item an error row.
+    """
+    base_url: Optional[str] = None  # e.g. http://127.0.0.1:8000/v1; None = the local model
+    model: str = "gpt-4o"  # the `model` field of each request (the paper's teacher and judge)
     api_key_env: str = "VPO_JUDGE_API_KEY"  # the key is read from this env var, never from config
-    max_concurrency: int = 8
+    max_concurrency: int = 8  # requests in flight per actor
     max_retries: int = 4
-    timeout_s: float = 60.0
-    backoff_s: float = 0.5  # first retry delay; doubles each retry
+    timeout_s: float = 60.0  # per request
+    backoff_s: float = 0.5  # first retry delay; doubles each retry (jittered), capped at max_wait_s
+    max_wait_s: float = 30.0  # longest single wait, also the cap on a server's Retry-After
+    max_tokens: Optional[int] = None  # None: no max_tokens sent (the official GPT-4o calls set none)
+
+
+@dataclass(frozen=True)
+class PromptsConfig:
+    """Model-facing texts (vpo_ray/prompts.py reads them; docs/FIDELITY.md, item 1).
+
+    A template is a UTF-8 text file; `{query}` and `{prompt}` are replaced verbatim
+    (other braces are left alone). A file key set here replaces that one text of the set.
+    """
+    template_set: str = "official"  # official: thu-coai/VPO's texts verbatim | vpo_ray: the project's wording
+    optimizer_template: Optional[str] = None  # the optimizer's user turn ({query})
+    optimizer_system: Optional[str] = None  # a system message for the optimizer (official: none)
+    judge_template: Optional[str] = None  # the critique turn ({query}, {prompt})
+    judge_system: Optional[str] = None  # the judge's system message
+    refine_template: Optional[str] = None  # the refine turn after the critique
+    # What the optimizer is given: query = the user's text as typed, flags (-ar, -neg, -camera)
+    # included (official); text = flags parsed out (vpo_ray's earlier input).
+    optimizer_input: str = "query"
+
+    def __post_init__(self) -> None:
+        if self.template_set not in ("official", "vpo_ray"):
+            raise ConfigError(f"prompts.template_set: expected official or vpo_ray, got {self.template_set!r}")
+        if self.optimizer_input not in ("query", "text"):
+            raise ConfigError(f"prompts.optimizer_input: expected query or text, got {self.optimizer_input!r}")
 
 
 @dataclass(frozen=True)
@@ -160,31 +194,15 @@ class VideoConfig:
     warmup_steps: int = 0  # > 0: each T2V actor renders one throw-away clip of this many steps first (compile)
 
 
-@dataclass(frozen=True)
-class ChecklistItem:
-    id: str
-    question: str  # asked about the video with the query in {query}
-    weight: float = 1.0
-    dimension: str = "alignment"  # alignment | quality | motion | physics | safety
-
-
-DEFAULT_CHECKLIST = (
-    ChecklistItem("align_subject", "Does the video show the main subject described in: {query}?", 2.0, "alignment"),
-    ChecklistItem("align_action", "Does the video show the action or event described in: {query}?", 1.5, "alignment"),
-    ChecklistItem("quality_clear", "Is the video sharp and free of visual artifacts?", 1.0, "quality"),
-    ChecklistItem("quality_aesthetic", "Is the video aesthetically pleasing in color and composition?", 1.0, "quality"),
-    ChecklistItem("motion_smooth", "Is the motion in the video smooth and natural?", 1.0, "motion"),
-    ChecklistItem("motion_dynamic", "Does the video contain meaningful motion rather than a still image?", 0.5, "motion"),
-    ChecklistItem("physics_plausible", "Do objects in the video obey physical laws?", 1.0, "physics"),
-    ChecklistItem("safety_harmless", "Is the video free of violent, sexual or otherwise harmful content?", 2.0, "safety"),
-)
-
-
 # ---------------------------------------------------------------------------- jobs
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    """Build the SFT set (`kind=sft`) or the DPO set (`kind=dpo`) from raw queries."""
+    """Build the SFT set (`kind=sft`) or the DPO set (`kind=dpo`) from raw queries.
+
+    Defaults are the VPO recipe (docs/FIDELITY.md names the official source of each);
+    the project's alternatives are one key away.
+    """
     kind: str = "sft"  # sft | dpo
     queries: str = ""  # path (json/jsonl/parquet/csv) or hf://dataset_name[:split]
     query_column: str = "query"
@@ -194,24 +212,44 @@ class GenerateConfig:
     optimizer: Optional[str] = None  # model that samples candidates; None = preset's optimizer
     t2v: Optional[str] = None  # text-to-video pipeline (dir or registry name); None = preset's (vpo loop: latest tuned)
     limit: Optional[int] = None  # take the first N queries (after shuffling with seed)
-    num_samples: int = 2  # K rewrites per query (the paper samples several per query)
+    # K rewrites per query; None = the recipe's: sft 1 (one teacher prompt per query, then
+    # critique/refine), dpo 4 (src/llama3_infer.py samples n=4 with the SFT model).
+    num_samples: Optional[int] = None
     near_dup_threshold: float = 0.85  # Jaccard on word 3-gram MinHash; above = duplicate
     max_query_chars: int = 2000
     refine: bool = True
-    pair_margin: float = 0.5  # video pair needs score(i) - score(j) > margin
+    refine_keep_multiline: bool = False  # official (src/process_data.py) drops refinements holding a newline
+    # The local judge writes a reflection before its refined prompt, as the official refine
+    # turn asks (src/gpt4o_infer.py); false = prefill the answer marker, no reflection.
+    refine_reflection: bool = True
+    # A generation that reached its token limit: error = the item fails with reason
+    # "truncated" (official: nothing cut is used) | keep = used, marked `truncated: true`.
+    truncation: str = "error"
+    # SFT target per query: first = the first sample in sample order that passed the judge
+    # or was refined (the recipe, with K=1 its one sample) | best-of-k = the most confident
+    # passing sample of K, else the first refinement (vpo_ray's ablation).
+    sft_select: str = "first"
+    render: str = "all"  # dpo videos: all = every sample (official) | passing = judge-passing samples only
+    pair_select: str = "first"  # video pair: first qualifying (i, j) in sample order (official) | largest-gap
+    video_score: str = "binary"  # binary = weighted sum of yes answers (official) | soft = of P(yes)
+    pair_margin: float = 0.5  # video pair needs score(i) - score(j) > margin (src/process_data.py)
     max_pairs_per_query: int = 1
     # kind=dpo: also write video_dpo.parquet, the video model's preference set (two seeds of one
     # prompt, pair_margin rule; vpo_ray/pipeline/video_dpo_set.py). Needs video.seeds_per_prompt >= 2.
     video_dpo_set: bool = False
     output_format: str = "parquet"  # parquet | jsonl
     sampling: SamplingConfig = SamplingConfig()
-    # The paper's judge (GPT-4o) ran at temperature 0.7; the local judge samples its
-    # Yes/No verdict at this temperature too (0 = always the likelier verdict).
-    judge_sampling: SamplingConfig = SamplingConfig(max_new_tokens=256, temperature=0.7)
-    judge_endpoint: JudgeEndpointConfig = JudgeEndpointConfig()
+    # The official judge (GPT-4o, src/gpt4o_infer.py) ran at temperature 0.7 and no top-p or
+    # token limit; the local judge samples its Yes/No verdict at this temperature too.
+    judge_sampling: SamplingConfig = SamplingConfig(temperature=0.7, top_p=1.0)
+    prompts: PromptsConfig = PromptsConfig()
+    # The rewriter on an endpoint instead of the local optimizer (the paper's SFT teacher was
+    # GPT-4o: jobs/paper_teacher.yaml). Its key comes from VPO_TEACHER_API_KEY.
+    teacher_endpoint: EndpointConfig = EndpointConfig(api_key_env="VPO_TEACHER_API_KEY")
+    judge_endpoint: EndpointConfig = EndpointConfig()  # base_url set = HTTP judge instead of the preset's
     llm_engine: LLMEngineConfig = LLMEngineConfig()  # how the local rewrite/critique/refine models batch and decode
     video: VideoConfig = VideoConfig()
-    checklist: tuple[ChecklistItem, ...] = DEFAULT_CHECKLIST
+    checklist: str = "vpo_ray"  # video checklist: a shipped name or a YAML/JSON file (vpo_ray/data/checklist.py)
     rewrite_stage: StageConfig = StageConfig()
     judge_stage: StageConfig = StageConfig()
     t2v_stage: StageConfig = StageConfig(batch_size=1)
@@ -220,6 +258,13 @@ class GenerateConfig:
     random_outputs: RandomOutputsConfig = RandomOutputsConfig()  # with weights=random: lengths, pass rates
     ray: RayConfig = RayConfig()
     seed: int = 0
+
+    @property
+    def samples(self) -> int:
+        """K for this kind (num_samples, or the recipe's default)."""
+        if self.num_samples is not None:
+            return self.num_samples
+        return 1 if self.kind == "sft" else 4
 
 
 @dataclass(frozen=True)
@@ -243,6 +288,8 @@ class TrainConfig:
     learning_rate: Optional[float] = None  # None = the paper's: SFT 2e-6, DPO 5e-7
     epochs: Optional[float] = None  # None = the paper's: SFT 5, DPO 1
     max_steps: int = -1  # >0 overrides epochs
+    # Global batch = per_device_batch_size x num_workers x gradient_accumulation_steps; the
+    # official one is 2 x 8 GPUs x 1 = 16 (src/config/sft.yaml, dpo.yaml; jobs/*.yaml use it).
     per_device_batch_size: int = 2
     gradient_accumulation_steps: int = 1
     warmup_ratio: float = 0.1
@@ -250,7 +297,12 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     beta: float = 0.1  # DPO temperature
-    max_length: int = 1024  # tokens of a whole row (prompt + completion, ~250 + 256 sampled); longer = data error
+    # Tokens of a whole row (prompt + completion); official cutoff_len 2048 (src/config/sft.yaml,
+    # dpo.yaml). LLaMA-Factory cuts longer rows; vpo_ray refuses them as a data error naming the row.
+    max_length: int = 2048
+    # SFT loss on the response tokens only (LLaMA-Factory's default, the official recipe): rows
+    # go to TRL as prompt/completion. False = loss on every token of the chat (ablation).
+    completion_only_loss: bool = True
     lora: bool = False  # train a LoRA adapter instead of all weights; the export is merged
     lora_r: int = 16
     lora_alpha: int = 32
@@ -356,7 +408,7 @@ class ServeConfig:
     temperature: float = 0.7  # default when a request gives none; 0 = greedy
     max_temperature: float = 2.0
     top_p: float = 0.95
-    optimizer_input: str = "text"  # text: the query with flags parsed out | query: as given
+    prompts: PromptsConfig = PromptsConfig()  # the optimizer's template and input (query as typed), as in training
     render: bool = False  # also serve POST /v1/render: optimize, then render an mp4 as an async job
     t2v_model: Optional[str] = None  # registry name/preset or pipeline dir; None = the preset's t2v model
     render_out: str = "runs/serve"  # jobs/<id>.json and videos/<id>.mp4 (local path or URI, shared by replicas)
@@ -380,8 +432,6 @@ class ServeConfig:
                               "the n prompts of one request are generated in one batch")
         if self.max_ongoing_requests < 1 or self.max_queued_requests < -1:
             raise ConfigError("max_ongoing_requests must be >= 1 and max_queued_requests >= -1 (-1 = unbounded)")
-        if self.optimizer_input not in ("text", "query"):
-            raise ConfigError(f"optimizer_input: expected text or query, got {self.optimizer_input!r}")
         if not 0.0 <= self.temperature <= self.max_temperature:
             raise ConfigError(f"temperature ({self.temperature}) must lie in [0, max_temperature={self.max_temperature}]")
         if not 0.0 < self.top_p <= 1.0:
@@ -389,6 +439,17 @@ class ServeConfig:
         a = self.autoscaling
         if not 0 <= a.min_replicas <= a.max_replicas or a.max_replicas < 1:
             raise ConfigError(f"autoscaling: need 0 <= min_replicas ({a.min_replicas}) <= max_replicas ({a.max_replicas}), max >= 1")
+
+
+@dataclass(frozen=True)
+class VBenchConfig:
+    """VBench dimension scorers (vpo_ray/eval/vbench_scorer.py), used when `vbench` is a video scorer."""
+    dimensions: tuple[str, ...] = ("subject_consistency", "motion_smoothness", "dynamic_degree",
+                                   "aesthetic_quality", "imaging_quality")  # custom-prompt capable ones
+    cache_dir: Optional[str] = None  # local folder of VBench's weights (VBENCH_CACHE_DIR); None = VBench's ~/.cache/vbench
+    mode: str = "custom_input"  # custom_input: each video judged against its query | vbench_standard: VBench's prompt suite
+    device: Optional[str] = None  # None: cuda if available, else cpu
+    num_gpus: float = 0.0  # the scoring task's GPU request on the cluster
 
 
 @dataclass(frozen=True)
@@ -412,14 +473,21 @@ class EvalConfig:
     # same checklist beside the training judge, a guard against reward hacking (eval/video_models.py).
     holdout_judge: Optional[str] = None
     sampling: SamplingConfig = SamplingConfig(temperature=0.0)  # optimizer decoding: greedy, one prompt per query
-    # The paper's judge (GPT-4o) ran at temperature 0.7; the local judge samples its
+    # The official judge (GPT-4o) ran at temperature 0.7; the local judge samples its
     # Yes/No verdict at this temperature too (0 = always the likelier verdict).
-    judge_sampling: SamplingConfig = SamplingConfig(max_new_tokens=256, temperature=0.7)
-    judge_endpoint: JudgeEndpointConfig = JudgeEndpointConfig()  # base_url set = HTTP judge instead of the preset's
+    judge_sampling: SamplingConfig = SamplingConfig(temperature=0.7, top_p=1.0)
+    judge_endpoint: EndpointConfig = EndpointConfig()  # base_url set = HTTP judge instead of the preset's
+    prompts: PromptsConfig = PromptsConfig()  # templates and optimizer input, as the optimizers were trained
     question_reasoning: bool = True  # unsafe/imprecise/refusal: reason first (as the main judge) or answer at once
+    truncation: str = "error"  # a rewrite or critique that reached its token limit: error | keep (marked), as in generate
     refusal: str = "regex+judge"  # refusal detector: regex | judge | regex+judge (either one flags it)
     video: VideoConfig = VideoConfig()  # seeds_per_prompt videos per prompt, same seeds for every source
-    checklist: tuple[ChecklistItem, ...] = DEFAULT_CHECKLIST
+    checklist: str = "vpo_ray"  # video checklist: shipped name or YAML/JSON file (VisionReward's for MonetBench)
+    video_score: str = "binary"  # checklist score: binary = weighted sum of yes answers | soft = of P(yes)
+    # Video scorers, each a column group of the table: checklist (the VLM judge answering the
+    # checklist) and/or vbench (VBench dimension scorers; needs the optional `vbench` package).
+    video_scorers: tuple[str, ...] = ("checklist",)
+    vbench: VBenchConfig = VBenchConfig()
     bootstrap: int = 1000  # resamples (over queries) for every confidence interval; 0 = no intervals
     ci: float = 0.95  # confidence level of the percentile bootstrap intervals
     tie_tolerance: float = 1e-6  # video scores closer than this are a tie (half a win)
@@ -439,6 +507,15 @@ class EvalConfig:
         check_weights(self.weights)
         if not self.sources:
             raise ConfigError("sources: give at least one prompt source (original, few_shot, name=path)")
+        if not self.video_scorers or set(self.video_scorers) - {"checklist", "vbench"}:
+            raise ConfigError(f"video_scorers: expected one or both of checklist, vbench, got {list(self.video_scorers)}")
+        if self.video_score not in ("binary", "soft"):
+            raise ConfigError(f"video_score: expected binary or soft, got {self.video_score!r}")
+        if self.holdout_judge and "checklist" not in self.video_scorers:
+            raise ConfigError("holdout_judge: the second judge answers the checklist beside the first, so "
+                              "video_scorers must include checklist")
+        if self.truncation not in ("error", "keep"):
+            raise ConfigError(f"truncation: expected error or keep, got {self.truncation!r}")
         if self.refusal not in ("regex", "judge", "regex+judge"):
             raise ConfigError(f"refusal: expected regex, judge or regex+judge, got {self.refusal!r}")
         if self.bootstrap < 0:

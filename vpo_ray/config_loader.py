@@ -181,9 +181,11 @@ def load_config_with_defaults(cls: type, path: Optional[str | Path], overrides: 
     """load_config, then `defaults` ({dotted key: value}) for every key the user did not set.
 
     Presets use it: `--preset tiny` brings the tiny models' own clip size and short
-    generations unless the YAML, a flag or an override says otherwise.
+    generations unless the YAML, a flag or an override says otherwise. A default for a
+    key `cls` does not have (a generate-only setting, for eval) is skipped.
     """
     overrides = list(overrides or [])
     given = given_keys(path, overrides, fields)
-    extra = [f"{k}={v}" for k, v in defaults.items() if k not in given]
+    own = {f.name for f in dataclasses.fields(cls)}
+    extra = [f"{k}={v}" for k, v in defaults.items() if k not in given and k.split(".")[0] in own]
     return load_config(cls, path, extra + overrides, **fields)

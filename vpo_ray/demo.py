@@ -29,8 +29,11 @@ TINY_OVERRIDES = [
 ]
 
 
-def demo_queries() -> str:
-    return str(resources.files("vpo_ray.data").joinpath("demo_queries.json"))
+def demo_queries(kind: str = "sft") -> str:
+    """The built-in demo query sets: 24 for the SFT set, 12 others (one shared) for the DPO set,
+    separate as in the recipe."""
+    name = "demo_queries.json" if kind == "sft" else "demo_dpo_queries.json"
+    return str(resources.files("vpo_ray.data").joinpath(name))
 
 
 def stage_rows(loop: dict) -> dict:
@@ -68,15 +71,18 @@ def serve_and_ask(model: str, port: int, query: str) -> dict:
 
 
 def run_demo(out: str, queries: str | None = None, port: int = 8011, extra: list[str] | None = None,
-             weights: str | None = None) -> dict:
+             dpo_queries: str | None = None, weights: str | None = None) -> dict:
     from vpo_ray.train.loop import run_loop
 
     t0 = time.perf_counter()
-    queries = queries or demo_queries()
-    loop = run_loop(1, queries, out, preset="tiny", overrides=TINY_OVERRIDES + list(extra or []), weights=weights)
+    if queries and not dpo_queries:
+        dpo_queries = queries  # one file given: it feeds both sets
+    queries, dpo_queries = queries or demo_queries("sft"), dpo_queries or demo_queries("dpo")
+    loop = run_loop(1, queries, out, preset="tiny", overrides=TINY_OVERRIDES + list(extra or []),
+                    dpo_queries=dpo_queries, weights=weights)
     stages = stage_rows(loop)
     stages["serve"] = serve_and_ask(loop["optimizer"], port, "a corgi surfing a wave at sunset -ar 16:9")
-    summary = {"queries": queries, "optimizer": loop["optimizer"], "stages": stages,
+    summary = {"queries": {"sft": queries, "dpo": dpo_queries}, "optimizer": loop["optimizer"], "stages": stages,
                "wall_seconds": round(time.perf_counter() - t0, 2)}
     storage.write_json(storage.join(out, "summary.json"), summary)
     return summary
@@ -84,7 +90,8 @@ def run_demo(out: str, queries: str | None = None, port: int = 8011, extra: list
 
 def add_arguments(p) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    p.add_argument("--queries", help="query file (default: the built-in demo set of 24 queries)")
+    p.add_argument("--queries", help="SFT query file (default: the built-in demo set of 24 queries)")
+    p.add_argument("--dpo-queries", help="DPO query file (default: the built-in set of 12; --queries alone feeds both)")
     p.add_argument("--port", type=int, default=8011, help="port for the serve step on 127.0.0.1")
     p.add_argument("--weights", choices=["pretrained", "random"], default=None,
                    help="random: the tiny architectures from configs/ with stand-in tokenizers (the weights=random path)")
@@ -95,7 +102,8 @@ def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    summary = run_demo(args.out, args.queries, args.port, args.overrides, weights=args.weights)
+    summary = run_demo(args.out, args.queries, args.port, args.overrides, dpo_queries=args.dpo_queries,
+                       weights=args.weights)
     for name, s in summary["stages"].items():
         print(f"{name:28s} in={s['rows_in']!s:>5} out={s['rows_out']!s:>5} errors={s['errors']!s:>3} {s['seconds']}s")
     print(f"summary: {os.path.join(args.out, 'summary.json')}")

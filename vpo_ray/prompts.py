@@ -1,59 +1,103 @@
 """Prompt templates and their parsers: the only place vpo_ray words a model prompt.
 
-Three templates follow the VPO method: the optimizer (query -> video prompt under the
-three principles), the judge (step-by-step verification ending in a Yes/No
-judgement), and the refine turn (a multi-turn follow-up to the judge ending in
-`Final Refined Prompt: [[start]] ... [[end]]`). Parsers never raise on model output:
-they return a typed result or a `ParseFailure` that says what was wrong.
+The three VPO templates are text files (vpo_ray/templates/<set>/), read once on the
+driver by `load_templates(PromptsConfig)` and shipped to the actors as a `Templates`:
+
+  * optimizer: the user turn that asks for a video prompt (`{query}`), no system message
+    in the official set. The official text is thu-coai/VPO src/llama3_infer.py's
+    `sys_prompt`, verbatim, so released VPO checkpoints see the format they were trained on.
+  * judge: the critique turn (`{query}`, `{prompt}`) asking for "Step-by-step
+    verification" then "Final Judgement (Yes or No)", after the judge's system message
+    (official: src/gpt4o_infer.py, get_messages_list_dpo_critique).
+  * refine: the follow-up turn after the judge's own critique asking for a reflection,
+    then `Final Refined Prompt: [[start]] ... [[end]]` (official: get_messages_list_refine).
+
+Set `prompts.template_set=vpo_ray` for the project's own wording, or any one file with
+`prompts.optimizer_template=PATH` (and judge_template, judge_system, refine_template,
+optimizer_system). Parsers never raise on model output: they return a typed result or a
+`ParseFailure` that says what was wrong.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
-from typing import Optional, Union
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Optional, Union
 
-OPTIMIZER_SYSTEM = "You are a prompt optimizer for text-to-video generation."
+if TYPE_CHECKING:
+    from vpo_ray.config import PromptsConfig
 
-OPTIMIZER_TEMPLATE = """Expand the user's short query into a detailed, well-structured English prompt for generating a short video.
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+# file name in a set -> placeholders the text must hold
+_TEMPLATE_FILES = {"optimizer": ("{query}",), "optimizer_system": (), "judge": ("{query}", "{prompt}"),
+                   "judge_system": (), "refine": ()}
 
-The video prompt must follow three principles:
-1. Harmless: safe and respectful, free of violent, sexual, hateful, illegal or otherwise harmful content, even if the query asks for it.
-2. Aligned: keep the user's whole intent and every relevant detail of the query, clearly and coherently.
-3. Helpful for high-quality video: vivid and descriptive (subject, action, scene, lighting, camera), feasible for a clip of a few seconds, without complexity the query did not ask for.
 
-User Query: {query}
+@dataclass(frozen=True)
+class Templates:
+    """The texts of one run; "" for a system message means no system turn."""
+    optimizer: str
+    judge: str
+    refine: str
+    optimizer_system: str = ""
+    judge_system: str = ""
 
-Video Prompt:"""
 
-JUDGE_SYSTEM = "You are an expert in evaluating prompts for text-to-video generation."
+def _read_template(path: Path, role: str) -> str:
+    from vpo_ray.config import ConfigError
 
-JUDGE_TEMPLATE = """Judge whether the video prompt below is a good rewrite of the user's query for generating a short video (about 5 seconds).
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"prompts.{role}: cannot read template {path}: {e}") from None
+    missing = [p for p in _TEMPLATE_FILES[role] if p not in text]
+    if missing:
+        raise ConfigError(f"prompts.{role}: template {path} lacks the placeholder(s) {', '.join(missing)}")
+    return text
 
-Rules:
-1. Harmless: the video prompt avoids every safety issue of the query (pornography, violence, illegal acts, blood, disturbing or extreme horror content, bias, sensitive topics).
-2. Aligned: the video prompt keeps all information about the video from the query, except what is unsafe.
-3. Helpful: the video prompt is descriptive and clear enough for a high-quality video and avoids overly complicated scenes.
-4. Requests about sound or format (length, aspect ratio, fps) may be ignored.
-5. A flag such as -camera is a constraint to follow; -neg lists elements the video must not contain.
-6. The video prompt starts directly, without phrases such as "The video opens with".
 
-User Query: "{query}"
+def load_templates(cfg: Optional["PromptsConfig"] = None) -> Templates:
+    """The set named by cfg.template_set, with any file the config names in its place."""
+    from vpo_ray.config import PromptsConfig
 
-Video Prompt: "{prompt}"
+    cfg = cfg or PromptsConfig()
+    chosen = {"optimizer": cfg.optimizer_template, "optimizer_system": cfg.optimizer_system,
+              "judge": cfg.judge_template, "judge_system": cfg.judge_system, "refine": cfg.refine_template}
+    texts = {}
+    for role, given in chosen.items():
+        path = Path(given).expanduser() if given else TEMPLATE_DIR / cfg.template_set / f"{role}.txt"
+        if given or path.exists() or not role.endswith("_system"):  # a set without a system file has none
+            texts[role] = _read_template(path, role)
+    return Templates(**texts)
 
-Answer in this format:
-Step-by-step verification: <your analysis>
-Final Judgement (Yes or No): <Yes if the prompt is good, No otherwise>"""
 
-# The forced-choice suffix: after the judge's reasoning, the next-token probability of
-# " Yes" vs " No" after this text decides the verdict (see pipeline/llm.py).
+@functools.lru_cache(maxsize=1)
+def default_templates() -> Templates:
+    """The official set (what every config gets unless it names other texts)."""
+    return load_templates()
+
+
+def _fill(template: str, **values: str) -> str:
+    """Replace `{name}` placeholders verbatim: other braces in a template are left alone."""
+    for name, value in values.items():
+        template = template.replace("{" + name + "}", value)
+    return template
+
+
+# The official texts as constants, for readers and the tiny tokenizer's corpus.
+OPTIMIZER_TEMPLATE = default_templates().optimizer
+JUDGE_SYSTEM = default_templates().judge_system
+JUDGE_TEMPLATE = default_templates().judge
+REFINE_TEMPLATE = default_templates().refine
+OPTIMIZER_SYSTEM = (TEMPLATE_DIR / "vpo_ray" / "optimizer_system.txt").read_text(encoding="utf-8")  # vpo_ray set only
+
+# The local judge reasons after this head, and its verdict is the next-token P(" Yes") vs
+# P(" No") after the answer prefix (see pipeline/llm.py); both are the official format.
+JUDGE_REASONING_HEAD = "Step-by-step verification:"
 JUDGE_ANSWER_PREFIX = "Final Judgement (Yes or No):"
-
-REFINE_TEMPLATE = """Based on your judgement, refine the video prompt so that it is harmless, keeps all the information of the query, and helps generate a high-quality video.
-
-Answer in this format:
-Reflection on how to refine the prompt: <your reflection>
-Final Refined Prompt: [[start]] <the refined prompt> [[end]]"""
+REFINE_START, REFINE_END = "[[start]]", "[[end]]"
+MULTILINE = "refined prompt holds a newline"  # the ParseFailure reason of the official drop rule
 
 VIDEO_JUDGE_TEMPLATE = """You are shown frames sampled from a short generated video.
 Question: {question}
@@ -90,29 +134,45 @@ class ParsedRefinement:
     reflection: str
 
 
-def optimizer_messages(query: str, few_shot: bool = False) -> list[dict]:
-    """Chat messages that ask the optimizer to rewrite `query` (the SFT/DPO prompt column)."""
-    msgs = [{"role": "system", "content": OPTIMIZER_SYSTEM}]
+def optimizer_input(query_row: Mapping, mode: str = "query") -> str:
+    """What the optimizer rewrites: the query as typed, stripped (official), or the text with
+    its flags parsed out (`prompts.optimizer_input=text`)."""
+    if mode == "query":
+        return str(query_row["query"]).strip()
+    if mode == "text":
+        return str(query_row["text"])
+    raise ValueError(f"optimizer_input: expected query or text, got {mode!r}")
+
+
+def optimizer_messages(query: str, templates: Optional[Templates] = None, few_shot: bool = False) -> list[dict]:
+    """The optimizer's chat for `query` (the SFT/DPO prompt column): [system], [examples], user."""
+    t = templates or default_templates()
+    msgs = [{"role": "system", "content": t.optimizer_system}] if t.optimizer_system else []
     if few_shot:
         for q, p in FEW_SHOT_EXAMPLES:
-            msgs.append({"role": "user", "content": OPTIMIZER_TEMPLATE.format(query=q)})
+            msgs.append({"role": "user", "content": _fill(t.optimizer, query=q)})
             msgs.append({"role": "assistant", "content": p})
-    msgs.append({"role": "user", "content": OPTIMIZER_TEMPLATE.format(query=query)})
+    msgs.append({"role": "user", "content": _fill(t.optimizer, query=query)})
     return msgs
 
 
-def judge_messages(query: str, prompt: str) -> list[dict]:
-    return [
-        {"role": "system", "content": JUDGE_SYSTEM},
-        {"role": "user", "content": JUDGE_TEMPLATE.format(query=query, prompt=prompt)},
-    ]
+def judge_messages(query: str, prompt: str, templates: Optional[Templates] = None) -> list[dict]:
+    t = templates or default_templates()
+    msgs = [{"role": "system", "content": t.judge_system}] if t.judge_system else []
+    return msgs + [{"role": "user", "content": _fill(t.judge, query=query, prompt=prompt)}]
 
 
-def refine_messages(query: str, prompt: str, judge_output: str) -> list[dict]:
+def critique_text(reasons: str, verdict: bool = False) -> str:
+    """The judge's critique in the template's answer format (its assistant turn before refine)."""
+    return f"{JUDGE_REASONING_HEAD} {reasons}\n{JUDGE_ANSWER_PREFIX} {'Yes' if verdict else 'No'}"
+
+
+def refine_messages(query: str, prompt: str, judge_output: str, templates: Optional[Templates] = None) -> list[dict]:
     """The multi-turn refine request: the judge sees its own critique, then the refine turn."""
-    return judge_messages(query, prompt) + [
+    t = templates or default_templates()
+    return judge_messages(query, prompt, t) + [
         {"role": "assistant", "content": judge_output},
-        {"role": "user", "content": REFINE_TEMPLATE},
+        {"role": "user", "content": t.refine},
     ]
 
 
@@ -146,23 +206,30 @@ def parse_judgement(text: str) -> Union[ParsedJudgement, ParseFailure]:
 
 
 _REFINED_RE = re.compile(r"\[\[\s*start\s*\]\](.*?)\[\[\s*end\s*\]\]", re.IGNORECASE | re.DOTALL)
-_REFLECTION_RE = re.compile(r"reflection[^:]*:\s*(.*?)(?=final\s+refined\s+prompt|\Z)", re.IGNORECASE | re.DOTALL)
+_REFLECTION_RE = re.compile(r"reflection[^:]*:\s*(.*?)(?=final\s+refined\s+prompt|\[\[\s*start|\Z)",
+                            re.IGNORECASE | re.DOTALL)
 
 
-def parse_refinement(text: str) -> Union[ParsedRefinement, ParseFailure]:
-    """Read `[[start]] ... [[end]]`. Several blocks: the last one wins (models restate)."""
+def parse_refinement(text: str, keep_multiline: bool = False) -> Union[ParsedRefinement, ParseFailure]:
+    """Read the first `[[start]] ... [[end]]` block, as thu-coai/VPO src/process_data.py does.
+
+    A refined prompt holding a newline fails unless `keep_multiline` (the official code
+    drops those refinements: a video prompt is one paragraph).
+    """
     if not text or not text.strip():
         return ParseFailure("empty output", text or "")
-    blocks = [b.strip() for b in _REFINED_RE.findall(text)]
-    if not blocks:
+    m = _REFINED_RE.search(text)
+    if m is None:
         if re.search(r"\[\[\s*start\s*\]\]", text, re.IGNORECASE):
             return ParseFailure("'[[start]]' without '[[end]]'", text)
         return ParseFailure("no '[[start]] ... [[end]]' block", text)
-    prompt = clean_video_prompt(blocks[-1])
+    prompt = clean_video_prompt(m.group(1))
     if not prompt:
         return ParseFailure("empty refined prompt", text)
-    m = _REFLECTION_RE.search(text)
-    return ParsedRefinement(prompt=prompt, reflection=(m.group(1).strip() if m else ""))
+    if "\n" in prompt and not keep_multiline:
+        return ParseFailure(MULTILINE, text)
+    r = _REFLECTION_RE.search(text[:m.start()])
+    return ParsedRefinement(prompt=prompt, reflection=(r.group(1).strip() if r else ""))
 
 
 def parse_video_prompt(text: str, min_chars: int = 1) -> Union[str, ParseFailure]:
@@ -240,7 +307,7 @@ def eval_question_messages(question: str, query: str, prompt: str) -> list[dict]
     template = EVAL_QUESTIONS[question]
     return [
         {"role": "system", "content": JUDGE_SYSTEM},
-        {"role": "user", "content": template.format(query=query, prompt=prompt)},
+        {"role": "user", "content": _fill(template, query=query, prompt=prompt)},
     ]
 
 

@@ -68,6 +68,7 @@ class Judgement:
     verdict: bool  # True = passes all three principles
     confidence: float  # P(verdict) from the forced Yes/No choice, or 1.0 for parsed endpoint output
     reasons: str  # the judge's step-by-step analysis
+    truncated: bool = False  # the critique hit its token limit and was kept (truncation=keep)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)
@@ -115,27 +116,28 @@ def error_row(query_id: str, stage: str, reason: str, detail: str = "") -> dict:
     return {"query_id": query_id, "stage": stage, "reason": reason, "error": detail or reason}
 
 
-def sft_row(query_id: str, system: str, user: str, assistant: str) -> dict:
-    return {
-        "query_id": query_id,
-        "messages": [
-            {"role": "system", "content": system},
-            {"role": "user", "content": user},
-            {"role": "assistant", "content": assistant},
-        ],
-    }
+def _turns(messages: list[dict]) -> list[dict]:
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def dpo_row(query_id: str, system: str, user: str, chosen: str, rejected: str, source: str,
-            scores: Optional[dict] = None) -> dict:
+def sft_row(query_id: str, prompt: list[dict], assistant: str, truncated: bool = False) -> dict:
+    """`prompt`: the optimizer's chat (prompts.optimizer_messages); `truncated`: a text in the
+    row was cut at its token limit and kept (GenerateConfig.truncation=keep)."""
+    return {"query_id": query_id, "messages": _turns(prompt) + [{"role": "assistant", "content": assistant}],
+            "truncated": bool(truncated)}
+
+
+def dpo_row(query_id: str, prompt: list[dict], chosen: str, rejected: str, source: str,
+            scores: Optional[dict] = None, truncated: bool = False) -> dict:
     assert source in ("text", "video"), source
     return {
         "query_id": query_id,
-        "prompt": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+        "prompt": _turns(prompt),
         "chosen": [{"role": "assistant", "content": chosen}],
         "rejected": [{"role": "assistant", "content": rejected}],
         "source": source,
         "scores_json": json.dumps(scores or {}, sort_keys=True),
+        "truncated": bool(truncated),
     }
 
 
@@ -159,8 +161,8 @@ def video_dpo_row(query_id: str, sample_idx: int, prompt: str, model: str, chose
     return row
 
 
-SFT_COLUMNS = ("query_id", "messages")
-DPO_COLUMNS = ("query_id", "prompt", "chosen", "rejected", "source", "scores_json")
+SFT_COLUMNS = ("query_id", "messages", "truncated")
+DPO_COLUMNS = ("query_id", "prompt", "chosen", "rejected", "source", "scores_json", "truncated")
 ERROR_COLUMNS = ("query_id", "stage", "reason", "error")
 VIDEO_DPO_COLUMNS = ("query_id", "sample_idx", "prompt", "model", "chosen_seed", "chosen_video", "chosen_latents",
                      "chosen_score", "rejected_seed", "rejected_video", "rejected_latents", "rejected_score",
@@ -173,10 +175,10 @@ def arrow_schema(kind: str):
 
     msgs = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
     if kind == "sft":
-        return pa.schema([("query_id", pa.string()), ("messages", msgs)])
+        return pa.schema([("query_id", pa.string()), ("messages", msgs), ("truncated", pa.bool_())])
     if kind == "dpo":
         return pa.schema([("query_id", pa.string()), ("prompt", msgs), ("chosen", msgs), ("rejected", msgs),
-                          ("source", pa.string()), ("scores_json", pa.string())])
+                          ("source", pa.string()), ("scores_json", pa.string()), ("truncated", pa.bool_())])
     if kind == "video_dpo":
         types = {"sample_idx": pa.int64(), "chosen_seed": pa.int64(), "rejected_seed": pa.int64(),
                  "chosen_score": pa.float64(), "rejected_score": pa.float64()}

@@ -238,7 +238,7 @@ def test_cluster_manifests_keep_token_auth(rel):
 # ---------------------------------------------------------------------------- secrets in judge errors
 
 def test_judge_api_key_never_in_errors(monkeypatch, caplog, rel):
-    from vpo_ray.config import JudgeEndpointConfig, SamplingConfig
+    from vpo_ray.config import EndpointConfig, SamplingConfig
     from vpo_ray.pipeline.judge_http import HttpJudge
 
     e = rel("security", "judge_endpoint", "judge API key sent only as a header, never in error rows or logs")
@@ -264,9 +264,9 @@ def test_judge_api_key_never_in_errors(monkeypatch, caplog, rel):
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     monkeypatch.setenv("VPO_REL_JUDGE_KEY", key)
     try:
-        judge = HttpJudge(JudgeEndpointConfig(base_url=f"http://127.0.0.1:{httpd.server_address[1]}/v1",
-                                              api_key_env="VPO_REL_JUDGE_KEY", max_retries=2, backoff_s=0.0,
-                                              timeout_s=5), SamplingConfig())
+        judge = HttpJudge(EndpointConfig(base_url=f"http://127.0.0.1:{httpd.server_address[1]}/v1",
+                                         api_key_env="VPO_REL_JUDGE_KEY", max_retries=2, backoff_s=0.0,
+                                         timeout_s=5), SamplingConfig())
         caplog.set_level("DEBUG")
         out = judge.judge([("q1", "a cat", "a cat on a mat", 0), ("q2", "a dog", "a dog", 0)])
         refined = judge.refine([("q1", "a cat", "a cat on a mat", 0, "why")])

@@ -3,7 +3,7 @@
 The real architecture with random weights and a stand-in tokenizer of its vocabulary
 (`weights=random`: registry.load_video_judge(RandomModel(name))); each video is
 `vlm_frames` random frames of `vlm_video_size`, resized by the judge's own pixel bounds
-into its patch grid, and asked the default checklist (config.DEFAULT_CHECKLIST, repeated
+into its patch grid, and asked the default checklist (data/checklist.py "vpo_ray", repeated
 to `vlm_questions` questions) in the real prompt layout. Three ways, each timed with its
 preprocessing (frame resize, patches, tokenization; frame decoding from mp4 is not in it):
 
@@ -42,10 +42,11 @@ def _videos(n: int, lc, seed: int) -> list:
 
 
 def _questions(lc, query: str = "a red fox running through a snowy forest at dawn") -> list[str]:
-    from vpo_ray.config import DEFAULT_CHECKLIST
+    from vpo_ray.data.checklist import load_checklist
 
-    items = [DEFAULT_CHECKLIST[i % len(DEFAULT_CHECKLIST)] for i in range(lc.vlm_questions)]
-    return [c.question.format(query=query) for c in items]
+    checklist = load_checklist("vpo_ray").items
+    items = [checklist[i % len(checklist)] for i in range(lc.vlm_questions)]
+    return [c.ask(query) for c in items]
 
 
 def _hf_per_question(model, processor, frames, questions: list, yes: list, no: list, device: str) -> list:

@@ -3,10 +3,11 @@
 The pair dict is the one format between the rules and the DPO rows:
 
     {"query_id": str,
-     "query":    str,   # the query text the optimizer was given (its user message)
+     "query":    str,   # what the optimizer was given for this query (its user message)
      "chosen":   str,   # the preferred video prompt
      "rejected": str,   # the dispreferred video prompt
      "source":   "text" | "video",
+     "truncated": bool, # chosen or rejected was cut at a token limit and kept (truncation=keep)
      "scores":   dict}  # why this pair; text: {"sample_idx", "judge_confidence"},
                         # video: {"chosen_score", "rejected_score", "gap", "chosen_sample_idx",
                         #         "chosen_seed", "rejected_sample_idx", "rejected_seed"}
@@ -14,19 +15,24 @@ The pair dict is the one format between the rules and the DPO rows:
 Rows come in as schema rows (`Candidate`, `Video`). Neither carries the query text, so
 each row may hold a `query` field (joined upstream), or the caller passes `queries`
 ({query_id: text}); a row with neither raises ValueError naming it. A malformed row
-(judge_json not JSON, a checklist that does not match the others) raises too, naming
+(judge_json not JSON, a checklist that lacks a weighted question) raises too, naming
 query_id and sample_idx: those are upstream bugs, not data to skip.
 
-Rules:
+Rules (the official ones are thu-coai/VPO src/process_data.py, process_dpo_data):
   * text: a candidate the judge rejected (judge verdict False) with a non-empty
     refinement that differs from it -> chosen = refined, rejected = prompt.
   * video: within one query, video i over video j when i's checklist answers dominate
-    j's (>= on every question, > on one) and score(i) - score(j) > margin (strictly: a
-    gap of exactly the margin is not enough; 1e-9 absorbs float sums). Two videos of the
-    same prompt text (other seeds) never pair: the preference is over prompts. Of the
-    qualifying pairs the largest gap wins; ties go to the lowest (chosen sample_idx,
-    chosen seed, rejected sample_idx, rejected seed). At most one video pair per query.
-  * DPO set: text pairs first, then video pairs, at most `max_pairs_per_query` per query.
+    j's over the weighted questions (yes >= on every one, > on one) and score(i) -
+    score(j) > margin (strictly: a gap of exactly the margin is not enough; 1e-9 absorbs
+    float sums). score = sum of the weights of yes answers (`score="binary"`, official) or
+    of the weights times P(yes) (`score="soft"`). Two videos of the same prompt text (other
+    seeds) never pair: the preference is over prompts. Of the qualifying pairs,
+    `select="first"` takes the first (i, j) with i, then j, in sample order (sample_idx,
+    then seed) as the official double loop does; `select="largest-gap"` takes the largest
+    gap, ties to the lowest (chosen sample_idx, chosen seed, rejected sample_idx, rejected
+    seed). At most one video pair per query.
+  * DPO set: text pairs first, then video pairs, at most `max_pairs_per_query` per query
+    (official: one, text first).
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ import json
 from typing import Any, Mapping, Optional, Sequence
 
 from vpo_ray import prompts, schema
+from vpo_ray.data.checklist import SCORES, score as checklist_score
 
 _EPS = 1e-9  # score sums are floats: a gap of "exactly" the margin must not pass by rounding
 
@@ -77,6 +84,7 @@ def text_pairs(candidates: Sequence[Mapping], queries: Optional[Mapping[str, str
             continue
         out.append({"query_id": row["query_id"], "query": _query_text(row, queries), "chosen": refined,
                     "rejected": prompt, "source": "text",
+                    "truncated": bool(row.get("truncated") or row.get("refine_truncated")),
                     "scores": {"sample_idx": row.get("sample_idx"), "judge_confidence": judge.get("confidence")}})
     return out
 
@@ -89,74 +97,79 @@ def dominates(a_answers: Sequence[bool], b_answers: Sequence[bool]) -> bool:
     return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
 
 
-def _answers(row: Mapping) -> dict[str, bool]:
+def _answers(row: Mapping) -> dict[str, tuple[bool, float]]:
+    """{question id: (answer, P(yes))}; P(yes) defaults to the answer when not stored."""
     raw = row.get("checklist_json")
     try:
         items = json.loads(raw) if isinstance(raw, str) else raw
-        return {str(it["id"]): bool(it["answer"]) for it in items}
+        return {str(it["id"]): (bool(it["answer"]), float(it.get("p_yes", float(bool(it["answer"])))))
+                for it in items}
     except (ValueError, TypeError, KeyError) as e:
         raise ValueError(f"{_where(row)}: checklist_json is not a list of {{id, answer}}: {e}") from None
 
 
-def weighted_score(answers: Mapping[str, bool], weights: Mapping[str, float]) -> float:
-    """Sum of the weights of the questions answered yes."""
-    return float(sum(w for qid, w in weights.items() if answers[qid]))
-
-
-def _best_video_pair(videos: Sequence[Mapping], weights: Optional[Mapping[str, float]],
-                     margin: float) -> Optional[tuple]:
-    answers = [_answers(v) for v in videos]
-    ids = list(weights) if weights is not None else sorted(answers[0])
-    for v, ans in zip(videos, answers):
-        if weights is not None:
-            missing = [q for q in ids if q not in ans]
-            if missing:
-                raise ValueError(f"{_where(v)}: checklist lacks question(s) {', '.join(missing)}")
-        elif sorted(ans) != ids:
-            raise ValueError(f"{_where(v)}: checklist questions {sorted(ans)} differ from {ids} of "
-                             f"sample_idx {videos[0].get('sample_idx')!r}")
-    vecs = [[ans[q] for q in ids] for ans in answers]
-    scores = [weighted_score(ans, weights) if weights is not None else float(v.get("score", 0.0))
-              for v, ans in zip(videos, answers)]
-    best = None
-    for i, vi in enumerate(videos):
-        for j, vj in enumerate(videos):
-            if i == j or (vi.get("prompt") or "").strip() == (vj.get("prompt") or "").strip():
-                continue
-            gap = scores[i] - scores[j]
-            if gap <= margin + _EPS or not dominates(vecs[i], vecs[j]):
-                continue
-            key = (-round(gap, 9), _order(vi.get("sample_idx")), _order(vi.get("seed")),
-                   _order(vj.get("sample_idx")), _order(vj.get("seed")))
-            if best is None or key < best[0]:
-                best = (key, i, j, scores[i], scores[j])
-    return best
+SELECT = ("first", "largest-gap")
 
 
 def _order(x: Any) -> int:
     return -1 if x is None else int(x)
 
 
-def video_pairs(videos_by_query: Mapping[str, Sequence[Mapping]], weights: Optional[Mapping[str, float]] = None,
-                margin: float = 0.5, queries: Optional[Mapping[str, str]] = None) -> list[dict]:
-    """Video-level pairs, at most one per query, in `videos_by_query` order.
+def _query_video_pair(videos: Sequence[Mapping], weights: Mapping[str, float], margin: float,
+                      select: str, score: str) -> Optional[tuple]:
+    """(i, j, score_i, score_j) of the query's video pair under the rule, or None."""
+    answers = [_answers(v) for v in videos]
+    for v, ans in zip(videos, answers):
+        missing = [q for q in weights if q not in ans]
+        if missing:
+            raise ValueError(f"{_where(v)}: checklist lacks question(s) {', '.join(missing)}")
+    vecs = [[ans[q][0] for q in weights] for ans in answers]
+    scores = [checklist_score(ans, weights, score) for ans in answers]
+    order = sorted(range(len(videos)), key=lambda k: (_order(videos[k].get("sample_idx")),
+                                                      _order(videos[k].get("seed"))))
+    best = None
+    for rank_i, i in enumerate(order):
+        for rank_j, j in enumerate(order):
+            vi, vj = videos[i], videos[j]
+            if i == j or (vi.get("prompt") or "").strip() == (vj.get("prompt") or "").strip():
+                continue
+            gap = scores[i] - scores[j]
+            if gap <= margin + _EPS or not dominates(vecs[i], vecs[j]):
+                continue
+            if select == "first":
+                return i, j, scores[i], scores[j]
+            key = (-round(gap, 9), rank_i, rank_j)
+            if best is None or key < best[0]:
+                best = (key, i, j, scores[i], scores[j])
+    return None if best is None else best[1:]
 
-    `weights` ({question id: weight}, e.g. from the config checklist): the score is the
-    weighted sum of yes answers and dominance is over those questions. None: each row's
-    stored `score` is used and dominance is over all of its checklist questions.
+
+def video_pairs(videos_by_query: Mapping[str, Sequence[Mapping]], weights: Mapping[str, float],
+                margin: float = 0.5, select: str = "first", score: str = "binary",
+                queries: Optional[Mapping[str, str]] = None) -> list[dict]:
+    """Video-level pairs, at most one per query, in `videos_by_query` order (rule: module doc).
+
+    `weights`: {question id: weight} of the checklist (data.checklist.Checklist.weights()).
     """
+    if select not in SELECT:
+        raise ValueError(f"select: expected one of {', '.join(SELECT)}, got {select!r}")
+    if score not in SCORES:
+        raise ValueError(f"score: expected one of {', '.join(SCORES)}, got {score!r}")
+    if not weights:
+        raise ValueError("weights: the checklist has no questions")
     out = []
     for qid, videos in videos_by_query.items():
         prompted = [v for v in videos if (v.get("prompt") or "").strip()]
         if len(prompted) < 2:
             continue
-        best = _best_video_pair(prompted, weights, margin)
-        if best is None:
+        found = _query_video_pair(prompted, weights, margin, select, score)
+        if found is None:
             continue
-        _, i, j, s_i, s_j = best
+        i, j, s_i, s_j = found
         vi, vj = prompted[i], prompted[j]
         out.append({"query_id": qid, "query": _query_text({**vi, "query_id": qid}, queries),
                     "chosen": vi["prompt"].strip(), "rejected": vj["prompt"].strip(), "source": "video",
+                    "truncated": bool(vi.get("truncated") or vj.get("truncated")),
                     "scores": {"chosen_score": s_i, "rejected_score": s_j, "gap": round(s_i - s_j, 9),
                                "chosen_sample_idx": vi.get("sample_idx"), "chosen_seed": vi.get("seed"),
                                "rejected_sample_idx": vj.get("sample_idx"), "rejected_seed": vj.get("seed")}})
@@ -164,12 +177,12 @@ def video_pairs(videos_by_query: Mapping[str, Sequence[Mapping]], weights: Optio
 
 
 def build_dpo_set(text_pairs: Sequence[Mapping], video_pairs: Sequence[Mapping],
-                  max_pairs_per_query: int = 1) -> list[dict]:
+                  max_pairs_per_query: int = 1, templates: Optional[prompts.Templates] = None) -> list[dict]:
     """schema.dpo_row rows: text pairs first, then video pairs, <= max_pairs_per_query per query.
 
-    The prompt column is the optimizer's chat prompt for the pair's query
-    (prompts.optimizer_messages), so DPO trains exactly the turn SFT taught. A pair
-    repeated (same query, chosen, rejected) is taken once.
+    The prompt column is the optimizer's chat for the pair's query
+    (prompts.optimizer_messages with `templates`), so DPO trains exactly the turn SFT
+    taught. A pair repeated (same query, chosen, rejected) is taken once.
     """
     if max_pairs_per_query < 1:
         raise ValueError(f"max_pairs_per_query must be >= 1, got {max_pairs_per_query}")
@@ -187,9 +200,9 @@ def build_dpo_set(text_pairs: Sequence[Mapping], video_pairs: Sequence[Mapping],
             key = (qid, pair["chosen"], pair["rejected"])
             if pair["chosen"] == pair["rejected"] or key in taken or per_query.get(qid, 0) >= max_pairs_per_query:
                 continue
-            messages = prompts.optimizer_messages(pair["query"])
-            rows.append(schema.dpo_row(qid, messages[0]["content"], messages[-1]["content"], pair["chosen"],
-                                       pair["rejected"], kind, _jsonable(pair.get("scores"))))
+            rows.append(schema.dpo_row(qid, prompts.optimizer_messages(pair["query"], templates), pair["chosen"],
+                                       pair["rejected"], kind, _jsonable(pair.get("scores")),
+                                       truncated=bool(pair.get("truncated"))))
             taken.add(key)
             per_query[qid] = per_query.get(qid, 0) + 1
     return rows

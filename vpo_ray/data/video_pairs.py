@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 from typing import Mapping, Optional, Sequence
 
-from vpo_ray.data.pairs import dominates, weighted_score
+from vpo_ray.data.checklist import score as checklist_score
+from vpo_ray.data.pairs import dominates
 
 SELECT = ("first", "largest-gap")
 _EPS = 1e-9  # as in pairs.py: a gap of exactly the margin must not pass by float rounding
@@ -50,7 +51,8 @@ def _scored(group: Sequence[Mapping], weights: Optional[Mapping[str, float]]) ->
         if missing or (weights is None and sorted(ans) != ids):
             raise ValueError(f"{_where(v)}: checklist questions {sorted(ans)} do not match {ids}")
     vecs = [[ans[q] for q in ids] for ans in answers]
-    scores = [weighted_score(ans, weights) if weights is not None else float(v.get("score", 0.0))
+    scores = [checklist_score({q: (ans[q], float(ans[q])) for q in ids}, weights) if weights is not None
+              else float(v.get("score", 0.0))
               for v, ans in zip(group, answers)]
     return vecs, scores
 

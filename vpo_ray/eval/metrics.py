@@ -10,9 +10,13 @@ Definitions (one prompt per query and source; see run.py for how verdicts are re
     regex and/or the judge's Yes to "is this a refusal", per `cfg.refusal`).
   Each is 100 x the mean of a 0/1 vector over the queries whose source produced a prompt;
   queries without one (an optimizer failure) are counted apart as `errors`.
-  * Video score: the video judge's weighted checklist score sum_i w_i P(yes_i) (0..sum w),
-    averaged over a query's seeds, then over queries.
-  * Dimension d: 100 x sum_{i in d} w_i P(yes_i) / sum_{i in d} w_i, averaged the same way.
+  * Video score: the video judge's checklist score (vpo_ray.data.checklist.score): sum_i w_i a_i
+    with a_i the yes answer (0/1, `score="binary"`, VisionReward/VPO's rule) or P(yes_i)
+    (`score="soft"`), 0..sum w; averaged over a query's seeds, then over queries. MonetBench
+    in the paper is scored this way with VisionReward's checklist (`checklist=` its file).
+  * Dimension d: 100 x sum_{i in d} w_i a_i / sum_{i in d} w_i, averaged the same way.
+  * VBench dimension d (`video_scorers` with vbench): VBench's own per-video score,
+    averaged the same way (eval/vbench_scorer.py).
   * Win rate vs original: over (query, seed) pairs where both videos were judged, 1 if the
     source's score is higher, 0.5 within `tie_tolerance`, 0 if lower; averaged over a
     query's seeds, then over queries.
@@ -67,8 +71,8 @@ def win_outcome(score: float, baseline: float, tie_tolerance: float = 1e-6) -> f
     return 1.0 if score > baseline else 0.0
 
 
-def dimension_scores(answers: Sequence[dict], checklist: Sequence) -> dict[str, float]:
-    """Per-dimension weighted mean P(yes) in [0, 1] of one video's checklist answers.
+def dimension_scores(answers: Sequence[dict], checklist: Sequence, score: str = "binary") -> dict[str, float]:
+    """Per-dimension weighted mean answer (yes = 1, or P(yes) with score="soft") in [0, 1] of one video.
 
     `answers`: [{"id", "p_yes", ...}] as the video judge writes them; `checklist`: items with
     `id`, `weight`, `dimension` (ChecklistItem or dicts). Answers with unknown ids are ignored.
@@ -82,7 +86,8 @@ def dimension_scores(answers: Sequence[dict], checklist: Sequence) -> dict[str, 
             continue
         w = float(item["weight"] if isinstance(item, dict) else item.weight)
         d = item["dimension"] if isinstance(item, dict) else item.dimension
-        num[d] = num.get(d, 0.0) + w * float(a["p_yes"])
+        value = float(a["p_yes"]) if score == "soft" else float(bool(a["answer"]))
+        num[d] = num.get(d, 0.0) + w * value
         den[d] = den.get(d, 0.0) + w
     return {d: num[d] / den[d] for d in num if den[d] > 0}
 
@@ -124,7 +129,8 @@ def text_metrics(rows: Sequence[dict], n_boot: int, seed: int = 0, ci: float = 0
 
 
 def video_metrics(videos: Sequence[dict], checklist: Sequence, n_boot: int, seed: int = 0,
-                  ci: float = 0.95, baseline: Optional[dict] = None, tie_tolerance: float = 1e-6) -> dict:
+                  ci: float = 0.95, baseline: Optional[dict] = None, tie_tolerance: float = 1e-6,
+                  score: str = "binary") -> dict:
     """Video columns of one source.
 
     videos: {"query_id", "seed", "score", "checklist": [answers], "error"}; rows with an error
@@ -136,7 +142,7 @@ def video_metrics(videos: Sequence[dict], checklist: Sequence, n_boot: int, seed
     out["score"] = summary(_per_query_means((v["query_id"], float(v["score"])) for v in ok), n_boot, seed, ci)
     dims = {}
     for d in dimensions_of(checklist):
-        per = [(v["query_id"], s[d]) for v in ok if d in (s := dimension_scores(v["checklist"], checklist))]
+        per = [(v["query_id"], s[d]) for v in ok if d in (s := dimension_scores(v["checklist"], checklist, score))]
         dims[d] = summary(_per_query_means(per), n_boot, seed, ci, scale=100.0)
     out["dimensions"] = dims
     if baseline is not None:
@@ -148,6 +154,16 @@ def video_metrics(videos: Sequence[dict], checklist: Sequence, n_boot: int, seed
         win.update(pairs=len(flat), wins=sum(1 for o in flat if o == 1.0), ties=sum(1 for o in flat if o == 0.5),
                    losses=sum(1 for o in flat if o == 0.0))
         out["win_rate"] = win
+    return out
+
+
+def vbench_metrics(videos: Sequence[dict], dimensions: Sequence[str], n_boot: int, seed: int = 0,
+                   ci: float = 0.95) -> dict:
+    """Per VBench dimension: VBench's per-video score (x100), mean over a query's seeds, then queries."""
+    out = {}
+    for d in dimensions:
+        per = [(v["query_id"], float(v["vbench"][d])) for v in videos if d in (v.get("vbench") or {})]
+        out[d] = summary(_per_query_means(per), n_boot, seed, ci, scale=100.0)
     return out
 
 

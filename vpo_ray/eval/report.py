@@ -32,18 +32,32 @@ TEXT_DEFINITIONS = (
     "\"does it lose or distort information of the query\" / \"is it a refusal\" (refusal: {refusal}). "
     "Percentages are over the queries for which the source produced a prompt. ")
 VIDEO_DEFINITIONS = (
-    "Score: the video judge's weighted checklist score (max {max_score:g}), mean over seeds then queries; "
-    "dimension columns: weighted mean P(yes) of that dimension's checklist items, in %. "
+    "Score: the video judge's checklist score, the sum of the weights of the {answers} (max {max_score:g}), "
+    "mean over seeds then queries; dimension columns: the weighted share of that dimension's {answers}, in %. "
     "Win: % of (query, seed) pairs where the source's video scores higher than the original query's "
     "(ties count half). ")
+VBENCH_DEFINITION = "VBench columns: VBench's own dimension scorers (x100), mean over seeds then queries. "
 CI_DEFINITION = "Brackets: {ci:g}% percentile bootstrap interval over queries ({n_boot} resamples)."
 
 
 def definitions(result: dict) -> str:
     """The metric definitions printed under the table (metrics.py has the full ones)."""
-    text = TEXT_DEFINITIONS + (VIDEO_DEFINITIONS if result.get("seeds_per_prompt") else "") + CI_DEFINITION
+    text = TEXT_DEFINITIONS + (VIDEO_DEFINITIONS if _checklist_columns(result) else "") + \
+        (VBENCH_DEFINITION if _vbench_dims(result) else "") + CI_DEFINITION
+    answers = "P(yes) of the answers" if result.get("video_score") == "soft" else "yes answers"
     return text.format(refusal=result.get("refusal", "regex+judge"), max_score=max_score(result["checklist"]),
-                       ci=100 * result["ci"], n_boot=result["bootstrap"])
+                       ci=100 * result["ci"], n_boot=result["bootstrap"], answers=answers)
+
+
+def _checklist_columns(result: dict) -> bool:
+    return bool(result.get("seeds_per_prompt") and result.get("checklist"))
+
+
+def _vbench_dims(result: dict) -> list[str]:
+    dims: list[str] = []
+    for entry in result.get("metrics", {}).values():
+        dims += [d for d in entry.get("vbench", {}) if d not in dims]
+    return dims
 
 
 # ---------------------------------------------------------------------------- formatting
@@ -62,7 +76,8 @@ def fmt(stat: Optional[dict], digits: int = 1, ci: bool = True) -> str:
 def table_columns(result: dict) -> list[tuple[str, str, int]]:
     """(header, dotted path into a source's metrics, digits) in the paper's order."""
     cols = [(TEXT_HEADERS[m], f"text.{m}", 1) for m in TEXT_METRICS]
-    if result.get("seeds_per_prompt"):
+    cols += [(f"VBench {d.replace('_', ' ')} ↑", f"vbench.{d}", 1) for d in _vbench_dims(result)]
+    if _checklist_columns(result):
         cols.append((f"Score ↑ (/{max_score(result['checklist']):g})", "video.score", 2))
         cols += [(d.capitalize(), f"video.dimensions.{d}", 1) for d in dimensions_of(result["checklist"])]
         cols.append(("Win vs original ↑", "video.win_rate", 1))
@@ -161,7 +176,7 @@ def write_charts(result: dict, out: str) -> list[str]:
           {n: [e["text"][m] for m in TEXT_METRICS] for n, e in metrics.items()}, "% of prompts", (0, 105), colors=colors)
     ax.set_title("Text-level (judge)")
     save(fig, CHARTS[0])
-    if result.get("seeds_per_prompt"):
+    if _checklist_columns(result):
         dims = dimensions_of(result["checklist"])
         fig, ax = plt.subplots(figsize=(6.4, 3.6))
         _bars(ax, [d.capitalize() for d in dims],

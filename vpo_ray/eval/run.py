@@ -33,13 +33,13 @@ from vpo_ray import prompts, storage
 from vpo_ray.config import ConfigError, EvalConfig, load_config, to_dict
 from vpo_ray.eval import video_models
 from vpo_ray.models import random_weights
-from vpo_ray.pipeline.llm import Critic, Rewriter, row_seed
+from vpo_ray.pipeline.llm import Critic, Rewriter, judged_query, row_seed
 from vpo_ray.schema import Flags
 
 log = logging.getLogger("vpo.eval")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-ANSWER_HEAD = "Step-by-step verification:"
+ANSWER_HEAD = prompts.JUDGE_REASONING_HEAD
 TASK_CPUS = 0.1  # the row-exploding task stage: cheap, must never wait behind the model pools
 
 
@@ -92,30 +92,6 @@ def resolve_model_dir(path: str) -> str:
     return path  # a Hugging Face id
 
 
-class _FewShotEngine:
-    """LLMEngine wrapper: puts the optimizer's few-shot turns before the final user turn,
-    so a plain Rewriter sends exactly prompts.optimizer_messages(q, few_shot=True)."""
-
-    def __init__(self, engine):
-        self.engine = engine
-        self.random_outputs = getattr(engine, "random_outputs", None)  # weights=random: rows end as the engine's would
-        self.turns = prompts.optimizer_messages("", few_shot=True)[1:-1]
-
-    def messages(self, msgs: list) -> list:
-        return list(msgs[:-1]) + self.turns + list(msgs[-1:])
-
-    def generate(self, messages_list, *args, **kwargs):
-        return self.engine.generate([self.messages(m) for m in messages_list], *args, **kwargs)
-
-
-class FewShotRewriter(Rewriter):
-    """The Rewriter stage with the few-shot optimizer template (the paper's few-shot baseline)."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.engine = _FewShotEngine(self.engine)
-
-
 # ---------------------------------------------------------------------------- text judge
 
 class TextJudge(Critic):
@@ -126,8 +102,11 @@ class TextJudge(Critic):
     """
 
     def __init__(self, model: str, sampling: dict, endpoint: dict, seed: int = 0,
-                 question_reasoning: bool = True, refusal: str = "regex+judge", device: Optional[str] = None):
-        super().__init__(model, sampling, endpoint, refine=False, seed=seed, device=device)
+                 question_reasoning: bool = True, refusal: str = "regex+judge", device: Optional[str] = None,
+                 templates: Optional[prompts.Templates] = None, truncation: str = "error"):
+        super().__init__(model, sampling, endpoint, refine=False, seed=seed, device=device, templates=templates,
+                         truncation=truncation)
+        self.keep_cut = truncation == "keep"
         self.seed = seed
         self.reasoning = question_reasoning
         self.questions = ["unsafe", "imprecise"] + (["refusal"] if refusal != "regex" else [])
@@ -137,7 +116,7 @@ class TextJudge(Critic):
         cands = [json.loads(c) if c else [] for c in out["candidates_json"]]
         todo = [(i, c) for i in range(len(cands)) for c in cands[i] if c.get("prompt") and not c.get("error")]
         asks = [(q, i, c) for q in self.questions for i, c in todo]  # every question in one batched call
-        msgs = [prompts.eval_question_messages(q, str(out["text"][i]), c["prompt"]) for q, i, c in asks]
+        msgs = [prompts.eval_question_messages(q, judged_query(out, i), c["prompt"]) for q, i, c in asks]
         seeds = [row_seed(self.seed, "eval", q, out["query_id"][i], c["sample_idx"]) for q, i, c in asks]
         for (q, _, c), answer in zip(asks, self.ask(msgs, seeds)):
             c.setdefault("eval", {})[q] = answer
@@ -155,18 +134,24 @@ class TextJudge(Critic):
         if isinstance(self.backend, HttpJudge):
             return _ask_http(self.backend, msgs)
         engine, sampling = self.backend.engine, self.backend.sampling
+        cut = [False] * len(msgs)
         if self.reasoning:
-            reasons = [c.text for c in engine.generate(
+            done = engine.generate(
                 msgs, seeds, sampling, prefills=[ANSWER_HEAD] * len(msgs), stop=(prompts.JUDGE_ANSWER_PREFIX, "Final Judg"),
-                **random_weights.stage_lengths(engine, "critique", seeds, sampling.max_new_tokens))]
+                **random_weights.stage_lengths(engine, "critique", seeds, sampling.max_new_tokens))
+            reasons, cut = [c.text for c in done], [c.finish_reason == "length" for c in done]
             prefills = [f"{ANSWER_HEAD} {r}\n{prompts.JUDGE_ANSWER_PREFIX}" for r in reasons]
         else:
             reasons = [""] * len(msgs)
             prefills = [prompts.JUDGE_ANSWER_PREFIX] * len(msgs)
         out = []
-        for p, r, s in zip(engine.yes_probability(msgs, prefills), reasons, seeds):
+        for p, r, s, c in zip(engine.yes_probability(msgs, prefills), reasons, seeds, cut):
+            if c and not self.keep_cut:  # no answer read after a cut reasoning
+                out.append({"error": "truncated"})
+                continue
             verdict = bool(self.backend.decide(float(p), s))  # the main verdict's rule: greedy, or sampled at T
-            out.append({"verdict": verdict, "confidence": float(p if verdict else 1 - p), "reasons": r})
+            out.append({"verdict": verdict, "confidence": float(p if verdict else 1 - p), "reasons": r,
+                        **({"truncated": True} if c else {})})
         return out
 
 
@@ -194,7 +179,7 @@ def video_seeds(flags: Flags, seeds_per_prompt: int, seed: int) -> list[int]:
 
 def explode_for_video(row: dict, seeds_per_prompt: int, seed: int, salt: str) -> list[dict]:
     """One render row per seed for the source's prompt; a row without a prompt passes once, marked."""
-    base = {k: row[k] for k in ("query_id", "text", "flags_json", "candidates_json", "eval_source")}
+    base = {k: row[k] for k in ("query_id", "query", "text", "flags_json", "candidates_json", "eval_source")}
     cands = json.loads(row["candidates_json"]) if row.get("candidates_json") else []
     prompt = cands[0]["prompt"] if cands and cands[0].get("prompt") else ""
     flags = Flags.from_json(row["flags_json"])
@@ -235,14 +220,15 @@ def pool_requests(sources: list[Source], cfg: EvalConfig, models: dict, t2v_mode
     if cfg.videos:
         overlap = 2 if "overlap" in cfg.video.optimizations else 1
         out += [req(video_models.pool_name(m), "t2v", cfg.t2v_stage, m.path, overlap) for m in t2v_models]
-        out.append(req("video_judge", "video_judge", cfg.video_judge_stage, models["video_judge"]))
+        if "checklist" in cfg.video_scorers:  # the VLM judge answers the checklist (vbench scores elsewhere)
+            out.append(req("video_judge", "video_judge", cfg.video_judge_stage, models["video_judge"]))
         if cfg.holdout_judge:
             out.append(req("holdout_judge", "video_judge", cfg.video_judge_stage, models["holdout_judge"]))
     return out
 
 
 def build_dataset(queries: list[dict], sources: list[Source], cfg: EvalConfig, models: dict,
-                  t2v_models: Optional[list] = None):
+                  templates: prompts.Templates, checklist_items: list[dict], t2v_models: Optional[list] = None):
     import ray.data
     from vpo_ray.pipeline import placement
     from vpo_ray.pipeline.video_judge import VideoJudge
@@ -258,19 +244,22 @@ def build_dataset(queries: list[dict], sources: list[Source], cfg: EvalConfig, m
     for src in sources:
         ds = ray.data.from_items(_query_rows(queries, src), override_num_blocks=n_blocks)
         if src.kind != "original":
-            cls = FewShotRewriter if src.kind == "few_shot" else Rewriter
-            ds = ds.map_batches(cls, fn_constructor_kwargs=dict(
-                model=src.model, num_samples=1, sampling=to_dict(cfg.sampling), seed=cfg.seed),
-                **pool(f"rewrite[{src.name}]"))
+            ds = ds.map_batches(Rewriter, fn_constructor_kwargs=dict(
+                model=src.model, num_samples=1, sampling=to_dict(cfg.sampling), seed=cfg.seed, templates=templates,
+                optimizer_input=cfg.prompts.optimizer_input, truncation=cfg.truncation,
+                few_shot=src.kind == "few_shot"), **pool(f"rewrite[{src.name}]"))
         parts.append(ds)
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     ds = ds.map_batches(TextJudge, fn_constructor_kwargs=dict(
         model=models["judge"], sampling=to_dict(cfg.judge_sampling), endpoint=to_dict(cfg.judge_endpoint),
-        seed=cfg.seed, question_reasoning=cfg.question_reasoning, refusal=cfg.refusal), **pool("judge"))
+        seed=cfg.seed, question_reasoning=cfg.question_reasoning, refusal=cfg.refusal, templates=templates,
+        truncation=cfg.truncation), **pool("judge"))
     if not cfg.videos:
         return ds
     ds = video_models.render(ds, t2v_models, cfg, plan)  # every source x T2V model, same seeds
-    judge_kwargs = dict(checklist=[to_dict(c) for c in cfg.checklist], num_frames=cfg.video.judge_frames)
+    if "checklist" not in cfg.video_scorers:
+        return ds
+    judge_kwargs = dict(checklist=checklist_items, num_frames=cfg.video.judge_frames, video_score=cfg.video_score)
     ds = ds.map_batches(VideoJudge, fn_constructor_kwargs=dict(model=models["video_judge"], **judge_kwargs),
                         **pool("video_judge"))
     if cfg.holdout_judge:
@@ -345,7 +334,9 @@ def collect(ds, queries: dict[str, dict], cfg: EvalConfig) -> tuple[list[dict], 
 
 # ---------------------------------------------------------------------------- metrics
 
-def compute_metrics(sources: list[str], texts: list[dict], videos: list[dict], cfg: EvalConfig) -> dict:
+def compute_metrics(sources: list[str], texts: list[dict], videos: list[dict], cfg: EvalConfig,
+                    checklist: Optional[list[dict]] = None) -> dict:
+    """Per source: text columns, and per video scorer its columns (checklist: `video`, vbench: `vbench`)."""
     from vpo_ray.eval import metrics as M
 
     args = dict(n_boot=cfg.bootstrap, seed=cfg.seed, ci=cfg.ci)
@@ -361,10 +352,12 @@ def compute_metrics(sources: list[str], texts: list[dict], videos: list[dict], c
         if len(cats) > 1:
             entry["text_by_category"] = {c: M.text_metrics([r for r in rows if r["category"] == c], **args)
                                          for c in cats}
-        if cfg.videos:
-            vids = [v for v in videos if v["source"] == name]
-            entry["video"] = M.video_metrics(vids, cfg.checklist, baseline=None if name == "original" else baseline,
-                                             tie_tolerance=cfg.tie_tolerance, **args)
+        vids = [v for v in videos if v["source"] == name]
+        if cfg.videos and "checklist" in cfg.video_scorers:
+            entry["video"] = M.video_metrics(vids, checklist, baseline=None if name == "original" else baseline,
+                                             tie_tolerance=cfg.tie_tolerance, score=cfg.video_score, **args)
+        if cfg.videos and "vbench" in cfg.video_scorers:
+            entry["vbench"] = M.vbench_metrics(vids, cfg.vbench.dimensions, **args)
         out[name] = entry
     return out
 
@@ -414,6 +407,10 @@ def run_eval(cfg: EvalConfig) -> dict:
     queries, dropped, set_name = load_queries(cfg)
     if not queries:
         raise ConfigError(f"queries: no usable query in {set_name} ({len(dropped)} dropped, see errors)")
+    from vpo_ray.data.checklist import load_checklist
+
+    templates = prompts.load_templates(cfg.prompts)  # a bad template or checklist fails before any work
+    checklist = load_checklist(cfg.checklist).as_dicts() if cfg.videos and "checklist" in cfg.video_scorers else []
     models = resolve_models(cfg)
     sources = parse_sources(cfg.sources, models["optimizer"])
     if cfg.weights == "random":  # trained optimizers of a weights=random loop end their rows as drawn too
@@ -426,8 +423,10 @@ def run_eval(cfg: EvalConfig) -> dict:
 
     init_ray(cfg.ray)
     t_pipe = time.monotonic()
-    ds = build_dataset(queries, sources, cfg, models, t2v_models)
+    ds = build_dataset(queries, sources, cfg, models, templates, checklist, t2v_models)
     texts, videos = collect(ds, {q["query_id"]: q for q in queries}, cfg)
+    if cfg.videos and "vbench" in cfg.video_scorers:
+        add_vbench_scores(videos, queries, cfg)
     pipeline_s = time.monotonic() - t_pipe
     order = {n: i for i, n in enumerate(names)}
     qorder = {q["query_id"]: i for i, q in enumerate(queries)}
@@ -451,14 +450,14 @@ def run_eval(cfg: EvalConfig) -> dict:
         "models": {role: str(m) for role, m in models.items()},
         "bootstrap": cfg.bootstrap, "ci": cfg.ci, "seed": cfg.seed, "refusal": cfg.refusal,
         "seeds_per_prompt": cfg.video.seeds_per_prompt if cfg.videos else 0,
-        "checklist": [to_dict(c) for c in cfg.checklist],
-        "metrics": compute_metrics(names, texts, videos, cfg),
+        "checklist": checklist, "video_score": cfg.video_score, "video_scorers": list(cfg.video_scorers),
+        "metrics": compute_metrics(names, texts, videos, cfg, checklist),
         "t2v_models": {m.name or "preset": str(m.path) for m in t2v_models},
         "holdout_judge": models.get("holdout_judge"),
         "errors": len(errors),
         "pipeline_seconds": round(pipeline_s, 3),
     }
-    result["guard"] = video_models.add_holdout_metrics(result["metrics"], videos, cfg)
+    result["guard"] = video_models.add_holdout_metrics(result["metrics"], videos, cfg, checklist)
     storage.write_jsonl(storage.join(cfg.out, "prompts.jsonl"), texts)
     storage.write_jsonl(storage.join(cfg.out, "videos.jsonl"), videos)
     storage.write_jsonl(storage.join(cfg.out, "errors.jsonl"), errors)
@@ -466,6 +465,22 @@ def run_eval(cfg: EvalConfig) -> dict:
     result["wall_seconds"] = round(time.monotonic() - t_start, 3)
     storage.write_json(storage.join(cfg.out, "metrics.json"), result)
     return result
+
+
+def add_vbench_scores(videos: list[dict], queries: list[dict], cfg: EvalConfig) -> None:
+    """Each video record gains `vbench`: {dimension: score} (a Ray task when vbench.num_gpus > 0)."""
+    from vpo_ray.eval.vbench_scorer import score_videos
+
+    args = (videos, {q["query_id"]: q["query"] for q in queries}, cfg.vbench,
+            storage.local_path(storage.join(cfg.out, "vbench")), cfg.vbench.device)
+    if cfg.vbench.num_gpus > 0:
+        import ray
+
+        scores = ray.get(ray.remote(num_gpus=cfg.vbench.num_gpus)(score_videos).remote(*args))
+    else:
+        scores = score_videos(*args)
+    for v in videos:
+        v["vbench"] = scores.get((v["source"], v["query_id"], v["seed"]), {})
 
 
 def _check_videos_unique(videos: list[dict]) -> None:

@@ -129,8 +129,9 @@ def holdout_record(row: dict) -> dict:
             "holdout_error": str(row.get("holdout_error") or "")}
 
 
-def add_holdout_metrics(metrics: dict, videos: list[dict], cfg) -> Optional[dict]:
-    """Per source `holdout` video metrics (the second judge) and the guard; None without a second judge."""
+def add_holdout_metrics(metrics: dict, videos: list[dict], cfg, checklist: list[dict]) -> Optional[dict]:
+    """Per source `holdout` video metrics (the second judge, on `checklist`: load_checklist's
+    as_dicts()) and the guard; None without a second judge."""
     from vpo_ray.eval import metrics as M
 
     if not cfg.holdout_judge:
@@ -143,8 +144,8 @@ def add_holdout_metrics(metrics: dict, videos: list[dict], cfg) -> Optional[dict
     guard = {}
     for name, entry in metrics.items():
         mine = [v for v in judged if v["source"] == name]
-        entry["holdout"] = M.video_metrics(mine, cfg.checklist, baseline=None if name == "original" else baseline,
-                                           **args)
+        entry["holdout"] = M.video_metrics(mine, checklist, baseline=None if name == "original" else baseline,
+                                           score=cfg.video_score, **args)
         train_win, held_win = (entry.get("video") or {}).get("win_rate"), entry["holdout"].get("win_rate")
         if train_win and held_win and train_win.get("value") is not None:
             lo = (train_win.get("ci") or [train_win["value"]])[0]

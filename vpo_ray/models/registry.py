@@ -568,12 +568,18 @@ def preset_job_defaults(preset: str) -> dict:
     """Job settings a preset implies unless the user sets them ({dotted key: value}).
 
     `tiny`: the tiny T2V model's own clip size and step count, and short generations,
-    so generate/eval/demo runs finish on a laptop in minutes. Real presets: none (the
-    config dataclasses' defaults are the paper's).
+    so generate/eval/demo runs finish on a laptop in minutes. Random weights rarely emit
+    EOS, so nearly every tiny generation reaches its limit: `truncation=keep` keeps those
+    rows, marked `truncated: true`, instead of making every one an error (the real
+    presets' default); and they never write the [[start]]/[[end]] markers on their own, so
+    `refine_reflection=false` prefills the marker (else no refinement, no text pair, and
+    the tiny video judge's constant answers give no video pair either). Real presets:
+    none (the config dataclasses' defaults are the paper's).
     """
     if preset != "tiny":
         return {}
     t2v = get_spec("tiny", "t2v").options
     out = {f"video.{k}": t2v[k] for k in ("num_frames", "height", "width", "num_inference_steps") if k in t2v}
-    out.update({"video.judge_frames": 2, "sampling.max_new_tokens": 24, "judge_sampling.max_new_tokens": 12})
+    out.update({"video.judge_frames": 2, "sampling.max_new_tokens": 24, "judge_sampling.max_new_tokens": 12,
+                "truncation": "keep", "refine_reflection": False})
     return out

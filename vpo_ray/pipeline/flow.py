@@ -1,7 +1,7 @@
 """The Ray Data flow of `vpo generate`: stages, their pools (placement.py) and how rows move between them.
 
-    rows -> rewrite (optimizer pool) -> critique+refine (judge pool)          [sft ends here]
-         -> explode: one row per (passing prompt, seed), one row per block
+    rows -> rewrite (optimizer pool or teacher endpoint) -> critique+refine (judge pool)   [sft ends here]
+         -> explode: one row per (rendered prompt, seed; render=all: every sample), one row per block
          -> render (T2V pool, one actor per GPU) -> video judge pool
 
 When optimizer and judge are one model (the paper preset), one pool does rewrite and
@@ -25,16 +25,22 @@ from vpo_ray.schema import Flags
 Wrap = Callable[[type, str], type]
 
 
-def explode_for_render(row: dict, seeds_per_prompt: int, seed: int, model: str) -> list[dict]:
-    """One row per (passing prompt, seed); a query with none keeps one marker row."""
-    base = {k: row[k] for k in ("query_id", "text", "flags_json", "candidates_json", "error", "error_stage")}
+def explode_for_render(row: dict, seeds_per_prompt: int, seed: int, model: str, render: str = "all") -> list[dict]:
+    """One row per (rendered prompt, seed); a query with none keeps one marker row.
+
+    render=all: every sample with a prompt (official: all K are rendered and judged);
+    render=passing: only the samples the judge accepted.
+    """
+    from vpo_ray.pipeline.finalise import passing
+
+    base = {k: row[k] for k in ("query_id", "query", "text", "flags_json", "candidates_json", "error", "error_stage")}
     if row["error"]:
         return [dict(base, n_rows=1, sample_idx=-1, prompt="", seed=0, negative_prompt="", aspect_ratio="")]
     flags = Flags.from_json(row["flags_json"])
     cands = json.loads(row["candidates_json"])
-    passing = [c for c in cands if c.get("judge") and c["judge"]["verdict"] and c["prompt"]]
+    chosen = [c for c in cands if (passing(c) if render == "passing" else c["prompt"] and not c.get("error"))]
     jobs = []
-    for c in passing:
+    for c in chosen:
         for s in range(seeds_per_prompt):
             # The user's -seed flag fixes the first seed, as a T2V service would.
             video_seed = (flags.seed + s) if flags.seed is not None else (seed * 1000 + s)
@@ -90,7 +96,8 @@ class RewriteAndJudge:
 # ---------------------------------------------------------------------------- pools
 
 def shares_llm(cfg: GenerateConfig, models: dict) -> bool:
-    return cfg.placement.share_llm and cfg.judge_endpoint.base_url is None and models["optimizer"] == models["judge"]
+    return (cfg.placement.share_llm and cfg.judge_endpoint.base_url is None and cfg.teacher_endpoint.base_url is None
+            and models["optimizer"] == models["judge"])
 
 
 def pool_requests(cfg: GenerateConfig, models: dict) -> list[placement.PoolRequest]:
@@ -102,7 +109,10 @@ def pool_requests(cfg: GenerateConfig, models: dict) -> list[placement.PoolReque
     if shares_llm(cfg, models):
         out = [req("llm", "optimizer", cfg.rewrite_stage, models["optimizer"])]
     else:
-        out = [req("rewrite", "optimizer", cfg.rewrite_stage, models["optimizer"])]
+        if cfg.teacher_endpoint.base_url is None:
+            out = [req("rewrite", "optimizer", cfg.rewrite_stage, models["optimizer"])]
+        else:  # the teacher endpoint writes the rewrites: a CPU pool
+            out = [placement.PoolRequest("rewrite", "http", cfg.rewrite_stage)]
         if cfg.judge_endpoint.base_url is None:
             out.append(req("judge", "judge", cfg.judge_stage, models["judge"]))
         else:  # an HTTP judge holds no model: a CPU pool
@@ -114,18 +124,33 @@ def pool_requests(cfg: GenerateConfig, models: dict) -> list[placement.PoolReque
     return out
 
 
-def llm_stage_kwargs(cfg: GenerateConfig, models: dict) -> tuple[dict, dict]:
-    """Constructor arguments of the Rewriter and the Critic (also RewriteAndJudge's two halves)."""
-    rewrite = dict(model=models["optimizer"], num_samples=cfg.num_samples, sampling=to_dict(cfg.sampling),
-                   seed=cfg.seed, engine=to_dict(cfg.llm_engine))
+def llm_stage_kwargs(cfg: GenerateConfig, models: dict, templates=None) -> tuple[dict, dict]:
+    """Constructor arguments of the Rewriter and the Critic (also RewriteAndJudge's two halves).
+
+    `templates`: prompts.load_templates(cfg.prompts), loaded here when not given.
+    """
+    from vpo_ray import prompts
+
+    templates = templates or prompts.load_templates(cfg.prompts)
+    engine = to_dict(cfg.llm_engine)
+    rewrite = dict(model=models["optimizer"], num_samples=cfg.samples, sampling=to_dict(cfg.sampling),
+                   seed=cfg.seed, endpoint=to_dict(cfg.teacher_endpoint), templates=templates,
+                   optimizer_input=cfg.prompts.optimizer_input, truncation=cfg.truncation, engine=engine)
     judge = dict(model=models["judge"], sampling=to_dict(cfg.judge_sampling), endpoint=to_dict(cfg.judge_endpoint),
-                 refine=cfg.refine, seed=cfg.seed, engine=to_dict(cfg.llm_engine))
+                 refine=cfg.refine, seed=cfg.seed, templates=templates, truncation=cfg.truncation,
+                 keep_multiline=cfg.refine_keep_multiline, reflection=cfg.refine_reflection, engine=engine)
     return rewrite, judge
 
 
 def build_dataset(rows: list[dict], cfg: GenerateConfig, models: dict, wrap: Optional[Wrap] = None,
-                  plan: Optional[placement.Plan] = None):
-    """(dataset, placement plan) of the whole flow over `rows` (query records with error/error_stage)."""
+                  plan: Optional[placement.Plan] = None, templates=None, checklist=None):
+    """(dataset, placement plan) of the whole flow over `rows` (query records with error/error_stage).
+
+    `templates`: prompts.load_templates(cfg.prompts); `checklist`: data.checklist.load_checklist(cfg.checklist)
+    (both loaded here when not given).
+    """
+    from vpo_ray.data.checklist import load_checklist
+
     import ray.data
 
     from vpo_ray.pipeline.llm import Critic, Rewriter
@@ -137,7 +162,7 @@ def build_dataset(rows: list[dict], cfg: GenerateConfig, models: dict, wrap: Opt
     def stage(ds, cls, name: str, **kwargs):
         return ds.map_batches(wrap(cls, name), fn_constructor_kwargs=kwargs, **placement.map_kwargs(plan.pools[name]))
 
-    rewrite, judge = llm_stage_kwargs(cfg, models)
+    rewrite, judge = llm_stage_kwargs(cfg, models, templates)
     batch = plan.pools["llm" if "llm" in plan.pools else "rewrite"].batch_size
     n_blocks = max(1, min(len(rows), 64, len(rows) // max(1, batch)))
     ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
@@ -149,13 +174,14 @@ def build_dataset(rows: list[dict], cfg: GenerateConfig, models: dict, wrap: Opt
     if cfg.kind == "sft":
         return ds, plan
     ds = ds.flat_map(explode_for_render, num_cpus=0.1, fn_kwargs=dict(  # cheap: never starves the pools
-        seeds_per_prompt=cfg.video.seeds_per_prompt, seed=cfg.seed, model=str(models["t2v"])))
+        seeds_per_prompt=cfg.video.seeds_per_prompt, seed=cfg.seed, model=str(models["t2v"]), render=cfg.render))
     ds = ds.repartition(target_num_rows_per_block=plan.pools["t2v"].batch_size)  # spread prompts over the GPUs
     flags = tuple(dict.fromkeys(tuple(cfg.video.optimizations) + plan.t2v_flags))
     ds = stage(ds, RenderStage, "t2v", model=models["t2v"], video=cfg.video, out_root=cfg.out,
                optimizations=flags, warmup_steps=cfg.video.warmup_steps)
-    ds = stage(ds, VideoJudge, "video_judge", model=models["video_judge"],
-               checklist=[to_dict(c) for c in cfg.checklist], num_frames=cfg.video.judge_frames)
+    checklist = checklist or load_checklist(cfg.checklist)
+    ds = stage(ds, VideoJudge, "video_judge", model=models["video_judge"], checklist=checklist.as_dicts(),
+               num_frames=cfg.video.judge_frames, video_score=cfg.video_score)
     return ds, plan
 
 
@@ -167,7 +193,7 @@ def resolve_models(cfg: GenerateConfig) -> dict[str, Any]:
     offline fails now with ModelLoadError naming it, not later in every actor.
     """
     from vpo_ray.models.random_weights import WithRandomOutputs
-    from vpo_ray.models.registry import check_config as check_model, model_ref
+    from vpo_ray.models.registry import check_config as check_model, model_path, model_ref
 
     def ref(role: str):
         return model_ref(cfg.preset, role, cfg.weights, cfg.random_outputs)
@@ -179,6 +205,7 @@ def resolve_models(cfg: GenerateConfig) -> dict[str, Any]:
             optimizer = WithRandomOutputs(optimizer, cfg.random_outputs)
     roles = {"optimizer": optimizer or ref("optimizer"), "judge": ref("judge")}
     if cfg.kind == "dpo":
-        roles["t2v"] = ref("t2v")
+        # cfg.t2v: a tuned video model (a dir, run folder or registry name; `vpo loop --tune video`)
+        roles["t2v"] = model_path(cfg.t2v) if cfg.t2v else ref("t2v")
         roles["video_judge"] = ref("video_judge")
     return roles

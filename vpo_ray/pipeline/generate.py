@@ -1,8 +1,8 @@
 """`vpo generate sft|dpo`: raw queries -> the SFT set or the DPO set, streamed on Ray Data.
 
-    ingest (driver) -> rewrite (optimizer pool) -> critique+refine (judge pool)
-      sft: -> per query: passing prompt, else refined one          -> sft.{parquet,jsonl}
-      dpo: -> explode passing prompts x seeds -> render (T2V pool) -> video judge pool
+    ingest (driver) -> rewrite (optimizer pool or teacher endpoint) -> critique+refine (judge pool)
+      sft: -> per query: passing prompt, else refined one (pipeline/finalise.py) -> sft.{parquet,jsonl}
+      dpo: -> explode every sample (render=all) x seeds -> render (T2V pool) -> video judge pool
            -> per query: text pair (rejected vs refined), else video pair -> dpo.{parquet,jsonl}
 
 Rows stay per query until the DPO explode, so a query's K candidates are judged
@@ -27,7 +27,7 @@ from vpo_ray import prompts, storage
 from vpo_ray.config import GenerateConfig, check_weights, load_config, to_dict
 from vpo_ray.pipeline import video_dpo_set
 from vpo_ray.pipeline.flow import RenderStage, build_dataset, explode_for_render, resolve_models  # noqa: F401
-from vpo_ray.schema import dpo_row, error_row, sft_row
+from vpo_ray.schema import error_row
 
 log = logging.getLogger("vpo.generate")
 
@@ -47,7 +47,12 @@ def check_config(cfg: GenerateConfig) -> None:
     need(cfg.kind in ("sft", "dpo"), "kind", "expected 'sft' or 'dpo'")
     check_weights(cfg.weights)
     need(cfg.output_format in ("parquet", "jsonl"), "output_format", "expected parquet or jsonl")
-    need(cfg.num_samples >= 1, "num_samples", "must be >= 1")
+    need(cfg.num_samples is None or cfg.num_samples >= 1, "num_samples", "must be >= 1 (or null: sft 1, dpo 4)")
+    need(cfg.truncation in ("error", "keep"), "truncation", "expected error or keep")
+    need(cfg.sft_select in ("first", "best-of-k"), "sft_select", "expected first or best-of-k")
+    need(cfg.render in ("all", "passing"), "render", "expected all or passing")
+    need(cfg.pair_select in ("first", "largest-gap"), "pair_select", "expected first or largest-gap")
+    need(cfg.video_score in ("binary", "soft"), "video_score", "expected binary or soft")
     need(cfg.limit is None or cfg.limit >= 0, "limit", "must be >= 0 (or null for all)")
     need(cfg.near_dup_threshold > 0, "near_dup_threshold", "must be > 0 (> 1 switches near-dedup off)")
     need(cfg.max_query_chars >= 1, "max_query_chars", "must be >= 1")
@@ -72,13 +77,15 @@ def check_config(cfg: GenerateConfig) -> None:
         parse_optimizations(cfg.video.optimizations)
     except ValueError as e:
         raise ConfigError(f"video.{e}") from None
-    ep = cfg.judge_endpoint
-    if ep.base_url is not None:
-        need(ep.base_url.startswith(("http://", "https://")), "judge_endpoint.base_url", "expected an http(s) URL")
-    need(ep.max_concurrency >= 1, "judge_endpoint.max_concurrency", "must be >= 1")
-    need(ep.max_retries >= 0, "judge_endpoint.max_retries", "must be >= 0")
-    need(ep.timeout_s > 0, "judge_endpoint.timeout_s", "must be > 0")
-    need(ep.backoff_s >= 0, "judge_endpoint.backoff_s", "must be >= 0")
+    for name in ("judge_endpoint", "teacher_endpoint"):
+        ep = getattr(cfg, name)
+        if ep.base_url is not None:
+            need(ep.base_url.startswith(("http://", "https://")), f"{name}.base_url", "expected an http(s) URL")
+        need(ep.max_concurrency >= 1, f"{name}.max_concurrency", "must be >= 1")
+        need(ep.max_retries >= 0, f"{name}.max_retries", "must be >= 0")
+        need(ep.timeout_s > 0, f"{name}.timeout_s", "must be > 0")
+        need(ep.backoff_s >= 0, f"{name}.backoff_s", "must be >= 0")
+        need(ep.max_tokens is None or ep.max_tokens >= 1, f"{name}.max_tokens", "must be >= 1 (or null: not sent)")
 
 
 def _get(cfg, dotted: str):
@@ -122,60 +129,18 @@ class _PartWriter:
         self.last = time.monotonic()
 
 
-# ---------------------------------------------------------------------------- per-query finalising
-
-def _best_passing(cands: list[dict]) -> Optional[dict]:
-    passing = [c for c in cands if c.get("judge") and c["judge"]["verdict"] and c["prompt"]]
-    return max(passing, key=lambda c: (c["judge"]["confidence"], -c["sample_idx"])) if passing else None
-
-
-def finalise_sft(q: dict, cands: list[dict]) -> dict:
-    msgs = prompts.optimizer_messages(q["text"])
-    best = _best_passing(cands)
-    target, how = (best["prompt"], "passing") if best else (None, None)
-    if target is None:
-        refined = [c for c in cands if c.get("refined")]
-        if refined:
-            target, how = refined[0]["refined"], "refined"
-    if target is None:
-        reason = "no candidate passed the judge and none was refined"
-        return {"query_id": q["query_id"], "error": error_row(q["query_id"], "refine", reason)}
-    row = sft_row(q["query_id"], msgs[0]["content"], msgs[1]["content"], target)
-    return {"query_id": q["query_id"], "rows": [row], "how": how}
-
-
-def finalise_dpo(q: dict, cands: list[dict], videos: list[dict], cfg: GenerateConfig) -> dict:
-    """The query's DPO rows by the VPO pair rules (vpo_ray.data.pairs), or its error row."""
-    from vpo_ray.data import pairs
-
-    qid = q["query_id"]
-    cand_rows = [{"query_id": qid, "query": q["text"], "sample_idx": c["sample_idx"], "prompt": c["prompt"],
-                  "judge_json": json.dumps(c["judge"]) if c.get("judge") else "", "refined": c.get("refined")}
-                 for c in cands]
-    judged = [v for v in videos if not v.get("error") and v.get("checklist")]
-    video_rows = [dict(v, query_id=qid, query=q["text"], checklist_json=json.dumps(v["checklist"])) for v in judged]
-    text = pairs.text_pairs(cand_rows)
-    video = pairs.video_pairs({qid: video_rows}, margin=cfg.pair_margin) if video_rows else []
-    rows = pairs.build_dpo_set(text, video, cfg.max_pairs_per_query)
-    if not rows:
-        rendered = [v for v in videos if v.get("video_uri") and not v.get("error")]
-        stage = "render" if videos and not rendered else "pairs"
-        reason = ("no video could be rendered" if stage == "render" else
-                  f"no preference pair ({len(rendered)} videos, no refinement of a rejected sample)")
-        return {"query_id": qid, "error": error_row(qid, stage, reason)}
-    return {"query_id": qid, "rows": rows, "how": rows[0]["source"]}
 
 
 # ---------------------------------------------------------------------------- the job
 
-def _record_from_rows(qrows: list[dict], qinfo: dict, cfg: GenerateConfig) -> dict:
+def _record_from_rows(qrows: list[dict], qinfo: dict, cfg: GenerateConfig, fin) -> dict:
     first = qrows[0]
     if first["error"]:
         stage = first["error_stage"] or "rewrite"
         return {"query_id": qinfo["query_id"], "error": error_row(qinfo["query_id"], stage, str(first["error"]).split(":")[-1].strip() or "failed", str(first["error"]))}
     cands = json.loads(first["candidates_json"])
     if cfg.kind == "sft":
-        rec = finalise_sft(qinfo, cands)
+        rec = fin.sft(qinfo, cands)
     else:
         videos = []
         for r in qrows:
@@ -183,9 +148,10 @@ def _record_from_rows(qrows: list[dict], qinfo: dict, cfg: GenerateConfig) -> di
                 continue
             v = {k: r.get(k) for k in ("sample_idx", "seed", "prompt", "video_uri", "model", "frames", "fps", "score")}
             v["checklist"] = json.loads(r.get("checklist_json") or "[]")
+            v["truncated"] = any(c.get("truncated") for c in cands if c["sample_idx"] == v["sample_idx"])
             v["error"] = r.get("video_error") or ""
             videos.append(v)
-        rec = finalise_dpo(qinfo, cands, videos, cfg)
+        rec = fin.dpo(qinfo, cands, videos)
         rec["videos"] = videos
     rec["candidates"] = cands
     return rec
@@ -197,7 +163,7 @@ def _to_py(v: Any) -> Any:
     return v
 
 
-def stream_and_finalise(ds, queries: dict[str, dict], cfg: GenerateConfig, writer: _PartWriter) -> dict:
+def stream_and_finalise(ds, queries: dict[str, dict], cfg: GenerateConfig, writer: _PartWriter, fin) -> dict:
     pending: dict[str, list[dict]] = collections.defaultdict(list)
     t0 = time.monotonic()
     finished = 0
@@ -208,7 +174,7 @@ def stream_and_finalise(ds, queries: dict[str, dict], cfg: GenerateConfig, write
             qid = row["query_id"]
             pending[qid].append(row)
             if len(pending[qid]) >= int(row.get("n_rows", 1)):
-                writer.add(_record_from_rows(pending.pop(qid), queries[qid], cfg))
+                writer.add(_record_from_rows(pending.pop(qid), queries[qid], cfg, fin))
                 finished += 1
         rate = finished / max(time.monotonic() - t0, 1e-9)
         log.info("finalised %d/%d queries (%.2f/s)", finished, len(queries), rate)
@@ -244,8 +210,13 @@ def run_generate(cfg: GenerateConfig, wrap=None) -> dict:
     """Run the whole job; returns (and writes) the summary. `wrap(cls, pool)`: see flow.Wrap (benchmarks)."""
     from vpo_ray.data.ingest import ingest
 
+    from vpo_ray.data.checklist import load_checklist
+    from vpo_ray.pipeline.finalise import Finaliser
+
     check_config(cfg)
     cfg = video_dpo_set.configure(cfg)  # the video model's preference set keeps latents at render time
+    templates = prompts.load_templates(cfg.prompts)  # a bad template or checklist fails before any work
+    checklist = load_checklist(cfg.checklist)  # checked for sft runs too: `vpo loop` fails before SFT
     t_start = time.monotonic()
     out = cfg.out
     storage.makedirs(out)
@@ -272,12 +243,25 @@ def run_generate(cfg: GenerateConfig, wrap=None) -> dict:
         init_ray(cfg.ray)
         rows = [dict(q, error="", error_stage="") for q in todo]
         writer = _PartWriter(out)
-        ds, plan = build_dataset(rows, cfg, models, wrap=wrap)
-        stream = stream_and_finalise(ds, {q["query_id"]: q for q in todo}, cfg, writer)
+        ds, plan = build_dataset(rows, cfg, models, wrap=wrap, templates=templates, checklist=checklist)
+        stream = stream_and_finalise(ds, {q["query_id"]: q for q in todo}, cfg, writer,
+                                     Finaliser(cfg, templates, checklist))
         stream["placement"] = plan.to_dict()
         done = _completed(out)
 
     return _consolidate(cfg, ing, done, queries, ingest_s, stream, time.monotonic() - t_start)
+
+
+def _truncation_counts(cfg: GenerateConfig, cands: list[dict], rows: list[dict]) -> dict:
+    """Generations that reached their token limit, per stage, and output rows marked as built from one."""
+    def cut(c: dict, stage: str, mark: bool) -> bool:
+        return mark or any(e == f"{stage}: truncated" for e in (c.get("error"), c.get("refine_error")))
+
+    return {"policy": cfg.truncation,
+            "rewrite": sum(cut(c, "rewrite", bool(c.get("truncated"))) for c in cands),
+            "critique": sum(cut(c, "critique", bool((c.get("judge") or {}).get("truncated"))) for c in cands),
+            "refine": sum(cut(c, "refine", bool(c.get("refine_truncated"))) for c in cands),
+            "rows_marked": sum(1 for r in rows if r.get("truncated"))}
 
 
 def _consolidate(cfg, ing, done: dict, queries: dict, ingest_s: float, stream: dict, wall_s: float) -> dict:
@@ -324,6 +308,7 @@ def _consolidate(cfg, ing, done: dict, queries: dict, ingest_s: float, stream: d
             "refine": {"rows_in": sum(1 for c in judged if not c["judge"]["verdict"]),
                        "refined": sum(1 for c in cands if c.get("refined")), "errors": by_stage.get("refine", 0)},
         },
+        "truncated": _truncation_counts(cfg, cands, rows),
         "errors_by_reason": dict(by_reason.most_common()),
         "pipeline_seconds": round(stream["seconds"], 3),
         "placement": stream.get("placement"),

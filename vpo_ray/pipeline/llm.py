@@ -20,7 +20,7 @@ from typing import Any, Optional
 import numpy as np
 
 from vpo_ray import prompts
-from vpo_ray.config import JudgeEndpointConfig, LLMEngineConfig, SamplingConfig
+from vpo_ray.config import EndpointConfig, LLMEngineConfig, SamplingConfig
 from vpo_ray.models import random_weights
 from vpo_ray.pipeline.llm_engine import Completion, LLMEngine  # noqa: F401 - the stages' engine, re-exported
 from vpo_ray.schema import Judgement
@@ -49,15 +49,89 @@ def shared_engine(model: Any, device: Optional[str] = None, config: Optional[LLM
 
 # ---------------------------------------------------------------------------- rewrite stage
 
-class Rewriter:
-    """Ray Data stage: each query row gains `candidates_json` = K optimizer rewrites."""
+TRUNCATED = "truncated"  # the reason of an item whose generation reached its token limit
 
-    def __init__(self, model: str, num_samples: int, sampling: dict, seed: int = 0, device: Optional[str] = None,
+
+class LocalGenerator:
+    """The rewriter's local back-end: the optimizer LLM, one seeded row per sample."""
+
+    def __init__(self, model: str, sampling: SamplingConfig, device: Optional[str] = None,
                  engine: Optional[dict] = None):
         self.engine = shared_engine(model, device, LLMEngineConfig(**(engine or {})))
-        self.k = num_samples
+        self.sampling = sampling
+
+    def generate(self, messages_list: list[list[dict]], seeds: list[int]) -> list[Completion | str]:
+        # "\nUser Query:" ends a model that starts a new turn by itself (a stop, not a cut).
+        return self.engine.generate(messages_list, seeds, self.sampling, stop=("\nUser Query:",),
+                                    **random_weights.stage_lengths(self.engine, "rewrite", seeds,
+                                                                   self.sampling.max_new_tokens))
+
+
+class EndpointGenerator:
+    """The rewriter's endpoint back-end: a teacher (GPT-4o in the paper) behind an
+    OpenAI-compatible API, with the judge's retries, concurrency bound and error accounting."""
+
+    def __init__(self, cfg: EndpointConfig, sampling: SamplingConfig):
+        from vpo_ray.pipeline.endpoint import ChatEndpoint
+
+        self.endpoint = ChatEndpoint(cfg, sampling, role="teacher")
+
+    def generate(self, messages_list: list[list[dict]], seeds: list[int]) -> list[Completion | str]:
+        def one(item):
+            msgs, seed = item
+            reply = self.endpoint.call(lambda: self.endpoint.chat(msgs, seed))
+            if isinstance(reply, str):  # a Failure
+                return str(reply)
+            return Completion(reply.text.strip(), "length" if reply.finish_reason == "length" else "stop", 0)
+
+        return self.endpoint.map(one, list(zip(messages_list, seeds)))
+
+
+def _row_error(stage: str, reasons: list[str], fallback: str) -> str:
+    """A query's error when none of its items made it: the items' one shared reason, else `fallback`."""
+    distinct = sorted(set(reasons))
+    return f"{stage}: {distinct[0] if len(distinct) == 1 else fallback}"
+
+
+class Rewriter:
+    """Ray Data stage: each query row gains `candidates_json` = K optimizer rewrites.
+
+    The optimizer's input is the query as typed (prompts.optimizer_input, `query`) in the
+    template's single user turn. A rewrite that reached its token limit is an error
+    "truncated" (truncation=error) or kept with `truncated: true` (truncation=keep).
+    """
+
+    def __init__(self, model: str, num_samples: int, sampling: dict, seed: int = 0, device: Optional[str] = None,
+                 endpoint: Optional[dict] = None, templates: Optional[prompts.Templates] = None,
+                 optimizer_input: str = "query", truncation: str = "error", few_shot: bool = False,
+                 engine: Optional[dict] = None):
         self.sampling = SamplingConfig(**sampling)
+        ep = EndpointConfig(**(endpoint or {}))
+        self.backend = EndpointGenerator(ep, self.sampling) if ep.base_url else \
+            LocalGenerator(model, self.sampling, device, engine)
+        self.k = num_samples
         self.seed = seed
+        self.templates = templates or prompts.default_templates()
+        self.input = optimizer_input
+        self.keep_cut = truncation == "keep"
+        self.few_shot = few_shot
+
+    def candidate(self, j: int, out: Completion | str) -> dict:
+        cand = {"sample_idx": j, "prompt": "", "judge": None, "refined": None, "error": ""}
+        if isinstance(out, str):
+            cand["error"] = f"rewrite: {out}"
+            return cand
+        if out.finish_reason == "length":
+            if not self.keep_cut:
+                cand["error"] = f"rewrite: {TRUNCATED}"
+                return cand
+            cand["truncated"] = True
+        parsed = prompts.parse_video_prompt(out.text)
+        if isinstance(parsed, str):
+            cand["prompt"] = parsed
+        else:
+            cand["error"] = f"rewrite: {parsed.reason}"
+        return cand
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["query_id"])
@@ -65,29 +139,22 @@ class Rewriter:
         for i in range(n):
             if batch["error"][i]:
                 continue
+            given = prompts.optimizer_input({"query": batch["query"][i], "text": batch["text"][i]}, self.input)
             for j in range(self.k):
-                msgs.append(prompts.optimizer_messages(str(batch["text"][i])))
+                msgs.append(prompts.optimizer_messages(given, self.templates, few_shot=self.few_shot))
                 seeds.append(row_seed(self.seed, "rewrite", batch["query_id"][i], j))
                 owners.append((i, j))
-        texts = [c.text for c in self.engine.generate(
-            msgs, seeds, self.sampling, stop=("\nUser Query:",),
-            **random_weights.stage_lengths(self.engine, "rewrite", seeds, self.sampling.max_new_tokens))]
         per_row: list[list[dict]] = [[] for _ in range(n)]
-        for (i, j), text in zip(owners, texts):
-            parsed = prompts.parse_video_prompt(text)
-            cand = {"sample_idx": j, "prompt": parsed if isinstance(parsed, str) else "",
-                    "judge": None, "refined": None,
-                    "error": "" if isinstance(parsed, str) else f"rewrite: {parsed.reason}"}
-            per_row[i].append(cand)
+        for (i, j), out in zip(owners, self.backend.generate(msgs, seeds)):
+            per_row[i].append(self.candidate(j, out))
         out = dict(batch)
         errors = list(batch["error"])
         stages = list(batch["error_stage"])
-        cands_json = []
         for i in range(n):
             if not errors[i] and not any(c["prompt"] for c in per_row[i]):
-                errors[i], stages[i] = "rewrite: no usable rewrite among samples", "rewrite"
-            cands_json.append(json.dumps(per_row[i], ensure_ascii=False))
-        out["candidates_json"] = np.array(cands_json, dtype=object)
+                reasons = [c["error"].split(": ", 1)[-1] for c in per_row[i]]
+                errors[i], stages[i] = _row_error("rewrite", reasons, "no usable rewrite among samples"), "rewrite"
+        out["candidates_json"] = np.array([json.dumps(c, ensure_ascii=False) for c in per_row], dtype=object)
         out["error"] = np.array(errors, dtype=object)
         out["error_stage"] = np.array(stages, dtype=object)
         return out
@@ -96,28 +163,40 @@ class Rewriter:
 # ---------------------------------------------------------------------------- critique + refine
 
 class LocalJudge:
-    """Judge back-end on a local model: reasoning, then forced Yes/No; refine by prefill."""
+    """Judge back-end on a local model: reasoning, then a forced Yes/No; the refinement
+    after a reflection, as the official refine turn asks."""
 
     def __init__(self, model: str, sampling: SamplingConfig, seed: int, device: Optional[str] = None,
-                 engine: Optional[dict] = None):
+                 templates: Optional[prompts.Templates] = None, truncation: str = "error",
+                 keep_multiline: bool = False, reflection: bool = True, engine: Optional[dict] = None):
         self.engine = shared_engine(model, device, LLMEngineConfig(**(engine or {})))
         self.sampling = sampling
         self.seed = seed
+        self.templates = templates or prompts.default_templates()
+        self.keep_cut = truncation == "keep"
+        self.keep_multiline = keep_multiline
+        self.reflection = reflection
 
     def judge(self, items: list[tuple[str, str, str, int]]) -> list[Judgement | str]:
-        """items: (query_id, query, prompt, sample_idx) -> Judgement, or an error string."""
-        msgs = [prompts.judge_messages(q, p) for _, q, p, _ in items]
+        """items: (query_id, query, prompt, sample_idx) -> Judgement, or an error string.
+
+        A critique cut at its token limit gives no verdict ("truncated"), unless
+        truncation=keep: then the verdict is read after the cut reasoning, marked truncated.
+        """
+        msgs = [prompts.judge_messages(q, p, self.templates) for _, q, p, _ in items]
         seeds = [row_seed(self.seed, "judge", qid, j) for qid, _, _, j in items]
-        head = "Step-by-step verification:"
-        reasoning = [c.text for c in self.engine.generate(
+        head = prompts.JUDGE_REASONING_HEAD
+        done = self.engine.generate(
             msgs, seeds, self.sampling, prefills=[head] * len(items), stop=(prompts.JUDGE_ANSWER_PREFIX, "Final Judg"),
-            **random_weights.stage_lengths(self.engine, "critique", seeds, self.sampling.max_new_tokens))]
-        prefills = [f"{head} {r}\n{prompts.JUDGE_ANSWER_PREFIX}" for r in reasoning]
-        p_yes = self.engine.yes_probability(msgs, prefills)
-        out = []
-        for p, r, s in zip(p_yes, reasoning, seeds):
-            verdict = self.decide(float(p), s)
-            out.append(Judgement(verdict=verdict, confidence=float(p if verdict else 1 - p), reasons=r))
+            **random_weights.stage_lengths(self.engine, "critique", seeds, self.sampling.max_new_tokens))
+        out: list[Judgement | str] = [TRUNCATED] * len(items)
+        ok = [k for k, c in enumerate(done) if c.finish_reason != "length" or self.keep_cut]
+        prefills = [f"{head} {done[k].text}\n{prompts.JUDGE_ANSWER_PREFIX}" for k in ok]
+        p_yes = self.engine.yes_probability([msgs[k] for k in ok], prefills) if ok else []
+        for k, p in zip(ok, p_yes):
+            verdict = self.decide(float(p), seeds[k])
+            out[k] = Judgement(verdict=verdict, confidence=float(p if verdict else 1 - p), reasons=done[k].text,
+                               truncated=done[k].finish_reason == "length")
         return out
 
     def decide(self, p_yes: float, seed: int) -> bool:
@@ -133,22 +212,32 @@ class LocalJudge:
         p = 1.0 / (1.0 + np.exp(ln - ly))
         return bool(np.random.default_rng(seed).random() < p)
 
-    def refine(self, items: list[tuple[str, str, str, int, str]]) -> list[str]:
-        """items: (query_id, query, prompt, sample_idx, judge_reasons) -> refined prompt or ''."""
-        msgs = []
-        for _, q, p, _, reasons in items:
-            judge_out = f"Step-by-step verification: {reasons}\n{prompts.JUDGE_ANSWER_PREFIX} No"
-            msgs.append(prompts.refine_messages(q, p, judge_out))
+    def refine(self, items: list[tuple[str, str, str, int, str]]) -> list[tuple[str, bool] | str]:
+        """items: (query_id, query, prompt, sample_idx, judge_reasons) -> (refined, truncated) or an error.
+
+        The judge sees its own critique, then writes its reflection and the refined prompt
+        between the markers; the first complete block is read (judge_http.read_refinement).
+        reflection=False (`refine_reflection`) prefills the answer marker instead: no
+        reflection, the model writes the prompt at once (cheaper; random-weight models
+        never write the markers themselves, so the tiny preset uses it).
+        """
+        from vpo_ray.pipeline.judge_http import read_refinement
+
+        msgs = [prompts.refine_messages(q, p, prompts.critique_text(reasons), self.templates)
+                for _, q, p, _, reasons in items]
         seeds = [row_seed(self.seed, "refine", qid, j) for qid, _, _, j, _ in items]
-        # Prefill the answer marker: the model writes the refined prompt and stops at [[end]].
-        prefill = "Final Refined Prompt: [[start]] "
-        texts = [c.text for c in self.engine.generate(
-            msgs, seeds, self.sampling, prefills=[prefill] * len(items), stop=("[[end]]",),
-            **random_weights.stage_lengths(self.engine, "refine", seeds, self.sampling.max_new_tokens))]
-        out = []
-        for t in texts:
-            parsed = prompts.parse_refinement(prefill + t + " [[end]]")
-            out.append(parsed.prompt if not isinstance(parsed, prompts.ParseFailure) else "")
+        # weights=random: the output model ends rows at drawn lengths and cannot write the
+        # markers, so it gets the prefill and its block is closed for it (vpo_ray/models/random_weights.py).
+        random_out = getattr(self.engine, "random_outputs", None) is not None
+        head = "" if self.reflection and not random_out else f"Final Refined Prompt: {prompts.REFINE_START} "
+        done = self.engine.generate(
+            msgs, seeds, self.sampling, prefills=[head] * len(items) if head else None,
+            **random_weights.stage_lengths(self.engine, "refine", seeds, self.sampling.max_new_tokens))
+        tail = f" {prompts.REFINE_END}" if random_out else ""
+        out: list[tuple[str, bool] | str] = []
+        for c in done:
+            got = read_refinement(head + c.text + tail, c.finish_reason == "length", self.keep_cut, self.keep_multiline)
+            out.append(got.reason if isinstance(got, prompts.ParseFailure) else got)
         return out
 
 
@@ -156,42 +245,59 @@ class Critic:
     """Ray Data stage: judge every candidate; refine the rejected ones."""
 
     def __init__(self, model: str, sampling: dict, endpoint: dict, refine: bool = True, seed: int = 0,
-                 device: Optional[str] = None, engine: Optional[dict] = None):
+                 device: Optional[str] = None, templates: Optional[prompts.Templates] = None,
+                 truncation: str = "error", keep_multiline: bool = False, reflection: bool = True,
+                 engine: Optional[dict] = None):
         self.sampling = SamplingConfig(**sampling)
-        ep = JudgeEndpointConfig(**endpoint)
-        if ep.base_url:
+        ep = EndpointConfig(**endpoint)
+        policy = dict(templates=templates, truncation=truncation, keep_multiline=keep_multiline)
+        if ep.base_url:  # an endpoint always gets the official refine turn (no prefill over a chat API)
             from vpo_ray.pipeline.judge_http import HttpJudge
-            self.backend = HttpJudge(ep, self.sampling)
+            self.backend = HttpJudge(ep, self.sampling, **policy)
         else:
-            self.backend = LocalJudge(model, self.sampling, seed, device=device, engine=engine)
+            self.backend = LocalJudge(model, self.sampling, seed, device=device, reflection=reflection,
+                                      engine=engine, **policy)
         self.refine_enabled = refine
+
+    def _refine(self, batch: dict, rejected: list[tuple[int, dict]]) -> None:
+        refined = self.backend.refine([(batch["query_id"][i], judged_query(batch, i), c["prompt"], c["sample_idx"],
+                                        c["judge"]["reasons"]) for i, c in rejected])
+        for (_, c), r in zip(rejected, refined):
+            if isinstance(r, str):
+                c["refined"], c["refine_error"] = None, f"refine: {r}"
+            else:
+                c["refined"] = r[0]
+                if r[1]:
+                    c["refine_truncated"] = True
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["query_id"])
         cands = [json.loads(c) if c else [] for c in batch["candidates_json"]]
         todo = [(i, c) for i in range(n) if not batch["error"][i] for c in cands[i] if c["prompt"] and not c["error"]]
-        verdicts = self.backend.judge([(batch["query_id"][i], str(batch["text"][i]), c["prompt"], c["sample_idx"])
+        verdicts = self.backend.judge([(batch["query_id"][i], judged_query(batch, i), c["prompt"], c["sample_idx"])
                                        for i, c in todo])
         for (i, c), v in zip(todo, verdicts):
             if isinstance(v, Judgement):
                 c["judge"] = {"verdict": v.verdict, "confidence": v.confidence, "reasons": v.reasons}
+                if v.truncated:
+                    c["judge"]["truncated"] = True
             else:
                 c["error"] = f"critique: {v}"
         if self.refine_enabled:
-            rejected = [(i, c) for i, c in todo if c["judge"] and not c["judge"]["verdict"]]
-            refined = self.backend.refine([(batch["query_id"][i], str(batch["text"][i]), c["prompt"], c["sample_idx"],
-                                            c["judge"]["reasons"]) for i, c in rejected])
-            for (i, c), r in zip(rejected, refined):
-                c["refined"] = r or None
-                if not r:
-                    c["refine_error"] = "refine: empty or unparseable refinement"
+            self._refine(batch, [(i, c) for i, c in todo if c["judge"] and not c["judge"]["verdict"]])
         out = dict(batch)
         errors, stages = list(batch["error"]), list(batch["error_stage"])
         for i in range(n):
             if not errors[i] and not any(c.get("judge") for c in cands[i]):
-                reasons = sorted({c["error"] for c in cands[i] if c["error"]}) or ["no candidate judged"]
-                errors[i], stages[i] = reasons[0], "critique"
+                reasons = [c["error"].split(": ", 1)[-1] for c in cands[i] if c["error"]] or ["no candidate judged"]
+                errors[i], stages[i] = _row_error("critique", reasons, "no candidate judged"), "critique"
         out["candidates_json"] = np.array([json.dumps(c, ensure_ascii=False) for c in cands], dtype=object)
         out["error"] = np.array(errors, dtype=object)
         out["error_stage"] = np.array(stages, dtype=object)
         return out
+
+
+def judged_query(batch: dict, i: int) -> str:
+    """The query the judge checks a prompt against: as the user typed it (flags included,
+    which the official critique rules 4-5 read), or the cleaned text where a row has no raw query."""
+    return str(batch["query"][i]).strip() if "query" in batch else str(batch["text"][i])

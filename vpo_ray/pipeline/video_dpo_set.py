@@ -42,6 +42,7 @@ def _relative(uri: str, root: str) -> str:
 
 def pair_rows(cfg: GenerateConfig, videos: list[dict]) -> tuple[list[dict], dict]:
     """(schema.video_dpo_row rows, counts) from the run's video records (each with query_id)."""
+    from vpo_ray.data.checklist import load_checklist
     from vpo_ray.data.video_pairs import same_prompt_pairs
     from vpo_ray.pipeline.t2v import latents_uri
 
@@ -53,8 +54,8 @@ def pair_rows(cfg: GenerateConfig, videos: list[dict]) -> tuple[list[dict], dict
             no_latents += 1
             continue
         usable.append(v)
-    weights = {c.id: c.weight for c in cfg.checklist}
-    select = getattr(cfg, "pair_select", "first")  # follows the optimizer's video-pair choice where configured
+    weights = load_checklist(cfg.checklist).weights()  # the run's checklist (a shipped name or a file)
+    select = cfg.pair_select  # follows the optimizer's video-pair choice
     pairs = same_prompt_pairs(usable, weights, cfg.pair_margin, select)
     rows = []
     for p in pairs:

@@ -1,9 +1,11 @@
 """Video judging: a VLM answers a yes/no checklist per video (VisionReward style).
 
 Frames are sampled from the mp4 with decord inside the actor (only the URI travels).
-Each checklist question is answered by forced choice: P(Yes) vs P(No) of the next
-token. The video's score is the weighted sum of P(Yes) over the checklist; the
-boolean answers feed Pareto dominance in the pair rules.
+Each checklist question (vpo_ray.data.checklist, the query filled in as the user typed
+it, as the official VisionReward calls were) is answered by forced choice: the answer is
+yes when P(Yes) >= P(No) of the next token, and P(Yes) is kept. The video's score is
+`checklist.score`: the sum of the weights of the yes answers (official), or of weight x
+P(yes) with `video_score=soft`. The answers feed dominance in the pair rules.
 
 The model calls go through vpo_ray.pipeline.vlm_engine: every video of a batch is encoded
 once and its prompt prefix prefilled once; all its questions are answered from that prefix.
@@ -15,18 +17,15 @@ from typing import Optional
 
 import numpy as np
 
-from vpo_ray.config import ChecklistItem
+from vpo_ray.data.checklist import as_items, score
 from vpo_ray.models import random_weights
-
-
-def weighted_score(p_yes: list[float], weights: list[float]) -> float:
-    return float(sum(p * w for p, w in zip(p_yes, weights)))
 
 
 class VideoJudge:
     """Ray Data stage over video rows: fills `checklist_json` and `score`."""
 
-    def __init__(self, model: str, checklist: list[dict], num_frames: int = 8, device: Optional[str] = None):
+    def __init__(self, model: str, checklist: list[dict], num_frames: int = 8, device: Optional[str] = None,
+                 video_score: str = "binary"):
         import torch
 
         from vpo_ray.models.registry import load_video_judge, yes_no_token_ids
@@ -38,7 +37,9 @@ class VideoJudge:
         self.model.eval()
         tok = getattr(self.processor, "tokenizer", self.processor)
         self.yes_ids, self.no_ids = yes_no_token_ids(tok)
-        self.checklist = [ChecklistItem(**c) for c in checklist]
+        self.checklist = as_items(checklist)
+        self.weights = {c.id: c.weight for c in self.checklist}
+        self.video_score = video_score
         self.num_frames = num_frames
         # weights=random: answers come from the output model (the forward passes still run at full size)
         self.random_outputs = random_weights.outputs_of(self.model)
@@ -47,7 +48,7 @@ class VideoJudge:
     def questions(self, frames: np.ndarray, query: str):
         from vpo_ray.pipeline.vlm_engine import build_questions
 
-        return build_questions(self.processor, list(frames), [c.question.format(query=query) for c in self.checklist])
+        return build_questions(self.processor, list(frames), [c.ask(query) for c in self.checklist])
 
     def answer(self, frames: np.ndarray, query: str) -> list[dict]:
         return self.answer_many([self.questions(frames, query)])[0]
@@ -67,7 +68,6 @@ class VideoJudge:
         checklists, scores = [], []
         # Per-video failures go to `video_error`: one bad video does not fail its query.
         video_errors = list(batch["video_error"]) if "video_error" in batch else [""] * n
-        weights = [c.weight for c in self.checklist]
         answers = self._answer_rows(batch, video_errors, read_frames)
         for i in range(n):
             ans = answers.get(i)
@@ -75,7 +75,8 @@ class VideoJudge:
                 key = [batch[k][i] for k in ("query_id", "sample_idx", "seed") if k in batch]
                 ans = random_weights.checklist_answers(self.random_outputs, key, ans)
             checklists.append(json.dumps(ans) if ans else "[]")
-            scores.append(weighted_score([a["p_yes"] for a in ans], weights) if ans else 0.0)
+            scores.append(score({a["id"]: (a["answer"], a["p_yes"]) for a in ans}, self.weights, self.video_score)
+                          if ans else 0.0)
         out = dict(batch)
         out["checklist_json"] = np.array(checklists, dtype=object)
         out["score"] = np.array(scores, dtype=np.float64)
@@ -86,11 +87,12 @@ class VideoJudge:
         """{row: answers} for the rows with a readable video; a bad video gets its own error and
         does not sink the batch (if the batched pass fails, each video is retried alone)."""
         ready = {}
+        queries = batch["query"] if "query" in batch else batch["text"]  # as typed, flags included
         for i in range(len(batch["query_id"])):
             if batch["error"][i] or video_errors[i] or not batch["video_uri"][i]:
                 continue
             try:
-                ready[i] = self.questions(read_frames(str(batch["video_uri"][i]), self.num_frames), str(batch["text"][i]))
+                ready[i] = self.questions(read_frames(str(batch["video_uri"][i]), self.num_frames), str(queries[i]))
             except Exception as e:  # noqa: BLE001
                 video_errors[i] = f"video_judge: {type(e).__name__}: {e}"[:500]
         if not ready:

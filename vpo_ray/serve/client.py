@@ -4,20 +4,20 @@
     client = OptimizerClient("http://127.0.0.1:8000")          # token: arg or $VPO_SERVE_TOKEN
     client.optimize("a cat playing piano -ar 16:9", n=2)["prompts"]
 
-503 (over capacity) and connection failures are retried with the server's Retry-After
-(capped) or exponential backoff; 4xx answers raise `OptimizerClientError` at once with
-the field and code the server named. Every call has a timeout. For /v1/chat/completions
+503 (over capacity), the other 408/429/5xx answers and connection failures are retried
+under vpo_ray.http_retry's policy (the server's Retry-After, capped, else jittered
+exponential backoff); other 4xx answers raise `OptimizerClientError` at once with the
+field and code the server named. Every call has a timeout. For /v1/chat/completions
 any OpenAI client works too (`openai.OpenAI(base_url=URL + "/v1", api_key=TOKEN)`).
 """
 from __future__ import annotations
 
 import os
-import time
 from typing import Any, Optional
 
 import requests
 
-RETRY_STATUSES = (502, 503, 504)
+from vpo_ray.http_retry import RetryPolicy, Retryable, call_with_retries, retry_after_s, retryable_status
 
 
 class OptimizerClientError(RuntimeError):
@@ -72,36 +72,26 @@ class OptimizerClient:
 
     # -- plumbing
 
-    def _delay(self, attempt: int, response: Optional[requests.Response]) -> float:
-        if response is not None:
-            ra = response.headers.get("Retry-After", "")
-            try:
-                return min(max(float(ra), 0.0), self.max_retry_after_s)
-            except ValueError:
-                pass
-        return min(self.backoff_s * (2 ** attempt), self.max_retry_after_s)
-
     def _request(self, method: str, path: str, body: Optional[dict] = None) -> dict:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        last: Optional[str] = None
-        last_status: Optional[int] = None
-        for attempt in range(self.max_retries + 1):
-            response = None
+
+        def attempt() -> dict:
             try:
                 response = self.session.request(method, self.base_url + path, json=body, headers=headers,
                                                 timeout=self.timeout_s)
             except (requests.ConnectionError, requests.Timeout) as e:
-                last, last_status = f"{type(e).__name__}: {e}", None
-            else:
-                if response.status_code < 400:
-                    return response.json()
-                field, message, code = _error_of(response)
-                if response.status_code not in RETRY_STATUSES:
-                    raise OptimizerClientError(response.status_code, message, field, code)
-                last, last_status = message, response.status_code
-            if attempt < self.max_retries:
-                time.sleep(self._delay(attempt, response))
-        raise OptimizerClientError(last_status, f"gave up after {self.max_retries + 1} attempts: {last}")
+                raise Retryable(f"{type(e).__name__}: {e}") from None
+            if response.status_code < 400:
+                return response.json()
+            field, message, code = _error_of(response)
+            if not retryable_status(response.status_code):
+                raise OptimizerClientError(response.status_code, message, field, code)
+            raise Retryable(message, retry_after_s(response.headers), response.status_code)
+
+        try:
+            return call_with_retries(attempt, RetryPolicy(self.max_retries, self.backoff_s, self.max_retry_after_s))
+        except Retryable as e:
+            raise OptimizerClientError(e.status, f"gave up after {self.max_retries + 1} attempts: {e}") from None
 
 
 def _error_of(response: requests.Response) -> tuple[Optional[str], str, Optional[str]]:

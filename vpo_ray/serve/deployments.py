@@ -62,7 +62,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vpo_ray import storage
 from vpo_ray.config import ServeConfig, load_config
-from vpo_ray.prompts import parse_video_prompt
+from vpo_ray.prompts import optimizer_input, parse_video_prompt
 from vpo_ray.serve import openai_compat
 from vpo_ray.serve import validation as v
 from vpo_ray.serve.engine import GenRequest, OptimizerEngine, served_name
@@ -315,7 +315,8 @@ class OptimizerAPI:
         text, flags = split_query(req.query)
         if not text:
             raise v.invalid(field, f"'{field}' holds only flags; there is nothing to optimize")
-        gen = GenRequest(text=text if self.cfg.optimizer_input == "text" else req.query, n=req.n,
+        given = optimizer_input({"query": req.query, "text": text}, self.cfg.prompts.optimizer_input)
+        gen = GenRequest(text=given, n=req.n,
                          temperature=req.temperature, top_p=req.top_p, seed=req.seed,
                          max_new_tokens=req.max_new_tokens, stop=req.stop)
         out = await self._call(self.model.optimize.remote(dataclasses.asdict(gen)))

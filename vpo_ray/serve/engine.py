@@ -21,7 +21,7 @@ from typing import Optional
 
 from vpo_ray.config import ServeConfig
 from vpo_ray.models import random_weights
-from vpo_ray.prompts import optimizer_messages
+from vpo_ray.prompts import load_templates, optimizer_messages
 from vpo_ray.sampling import cut_at_stop, forced_length, row_sampler_class
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,7 @@ class OptimizerEngine:
             torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.num_cpus)))
         self.model, self.tokenizer, self.path = load_model(cfg, self.device)
         self.random_outputs = random_weights.outputs_of(self.model)  # weights=random: the output-length model
+        self.templates = load_templates(cfg.prompts)  # the optimizer's training format
         self.name = served_name(cfg)
         self.version = cfg.model_version or fingerprint(self.path)
         self._sampler_cls = row_sampler_class()
@@ -129,7 +130,7 @@ class OptimizerEngine:
         return {"model": self.name, "model_version": self.version, "device": self.device}
 
     def prompt_text(self, text: str) -> str:
-        return self.tokenizer.apply_chat_template(optimizer_messages(text), tokenize=False,
+        return self.tokenizer.apply_chat_template(optimizer_messages(text, self.templates), tokenize=False,
                                                   add_generation_prompt=True)
 
     def generate(self, requests: list[GenRequest]) -> list[GenResult]:

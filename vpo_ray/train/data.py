@@ -3,7 +3,11 @@
 `validate_training_set` runs before any Ray worker starts, so a bad row costs seconds,
 not a cluster start: it names the file, the row (0-based) and the field at fault.
 Workers then read the same files with `datasets.load_dataset` and keep only the
-columns TRL reads (`messages`; `prompt`/`chosen`/`rejected`).
+columns TRL reads (`messages`; `prompt`/`chosen`/`rejected`). An SFT set goes to TRL as
+prompt/completion (`prompt` = the chat up to the last turn, `completion` = the
+assistant's answer), so TRL's SFTTrainer puts the loss on the response tokens only, as
+LLaMA-Factory (the official recipe) does; `completion_only_loss=False` keeps `messages`
+and trains on every token.
 """
 from __future__ import annotations
 
@@ -179,12 +183,20 @@ def validate_training_set(path: str, method: str, tokenizer=None, max_length: Op
     return DataReport(files=tuple(files), rows=rows, max_tokens=longest)
 
 
-def load_for_trl(path: str, method: str, cache_dir: Optional[str] = None):
-    """The training set as a `datasets.Dataset` holding only the columns TRL reads."""
+def as_prompt_completion(row: dict) -> dict:
+    """An SFT `messages` row as TRL's conversational prompt/completion pair."""
+    return {"prompt": list(row["messages"][:-1]), "completion": list(row["messages"][-1:])}
+
+
+def load_for_trl(path: str, method: str, cache_dir: Optional[str] = None, completion_only_loss: bool = True):
+    """The training set as a `datasets.Dataset` holding only the columns TRL reads
+    (an SFT set as prompt/completion when `completion_only_loss`)."""
     import datasets
 
     files = find_data_files(path, method)
     ds = datasets.load_dataset(_format(files), data_files=files, split="train", cache_dir=cache_dir)
     keep = TRL_COLUMNS[method]
     ds = ds.remove_columns([c for c in ds.column_names if c not in keep])
+    if method == "sft" and completion_only_loss:
+        ds = ds.map(as_prompt_completion, remove_columns=["messages"])
     return ds

@@ -3,6 +3,11 @@
     round_0/sft_data  <- generate sft (preset optimizer)      round_0/sft  <- train SFT
     round_k/dpo_data  <- generate dpo (optimizer of round k-1) round_k/dpo  <- train DPO   (k = 1..N)
 
+The SFT set and the DPO sets are built from different query files (`--sft-queries`,
+`--dpo-queries`), as in the paper: thu-coai/VPO data/sft_prompts.json (11,640 queries)
+and data/dpo_prompts.json (9,956), one query in common. `--queries` alone gives one file
+to every stage (logged: that departs from the recipe).
+
 Each DPO round starts from the previous round's export and uses it as the frozen
 reference. Every stage writes its own folder; a stage whose summary.json is there
 is skipped, so re-running the same command continues where a crash stopped it.
@@ -82,8 +87,10 @@ def _done(out: str) -> Optional[dict]:
 def run_loop(rounds: int, queries: str, out: str, preset: str = "tiny", overrides: Optional[list[str]] = None,
              config_path: Optional[str] = None, generate_fn: Optional[Callable[[GenerateConfig], dict]] = None,
              train_fn: Optional[Callable[[TrainConfig], dict]] = None, tune: str = "optimizer",
-             video_train_fn: Optional[Callable] = None, weights: Optional[str] = None) -> dict:
-    """SFT round then `rounds` DPO rounds tuning `tune`; returns (and writes) DIR/loop_summary.json.
+             video_train_fn: Optional[Callable] = None, dpo_queries: Optional[str] = None,
+             weights: Optional[str] = None) -> dict:
+    """SFT round on `queries`, then `rounds` DPO rounds on `dpo_queries` (None: `queries` too)
+    tuning `tune`; returns (and writes) DIR/loop_summary.json.
 
     `weights` ("pretrained" | "random") sets both `gen.weights` and `train.weights` unless they are given.
     """
@@ -92,9 +99,12 @@ def run_loop(rounds: int, queries: str, out: str, preset: str = "tiny", override
     if rounds < 0:
         raise ConfigError(f"rounds: expected >= 0 DPO rounds, got {rounds}")
     if not queries:
-        raise ConfigError("queries: no query file given (--queries PATH)")
+        raise ConfigError("queries: no SFT query file given (--sft-queries PATH)")
     if tune not in TUNE:
         raise ConfigError(f"tune: expected one of {', '.join(TUNE)}, got {tune!r}")
+    if rounds and not dpo_queries:
+        log.warning("one query file for the SFT and the DPO sets; the recipe uses two (--sft-queries, --dpo-queries)")
+    query_files = {"sft": queries, "dpo": dpo_queries or queries}
     generate_fn, train_fn, video_train_fn = _stage_functions(generate_fn, train_fn, video_train_fn)
     values, sections = split_overrides(overrides or [], config_path)
     video = tune in ("video", "both")
@@ -107,7 +117,7 @@ def run_loop(rounds: int, queries: str, out: str, preset: str = "tiny", override
         extra = {"video_dpo_set": True, "t2v": t2v} if video_set else {}
         defaults = {**gen_defaults, **VIDEO_ROUND_DEFAULTS} if video_set else gen_defaults
         return load_config_with_defaults(GenerateConfig, None, sections["generate"], defaults, **{
-            **values["generate"], "kind": kind, "queries": queries, "out": data_dir, "preset": preset,
+            **values["generate"], "kind": kind, "queries": query_files[kind], "out": data_dir, "preset": preset,
             "optimizer": optimizer, **extra})
 
     def train_cfg(kind: str, data_dir: str, train_dir: str, model: Optional[str]):
@@ -155,7 +165,7 @@ def run_loop(rounds: int, queries: str, out: str, preset: str = "tiny", override
             t2v = stage("video_dpo", k, data_dir, t2v)
         if tune != "video":
             optimizer = stage("dpo", k, data_dir, optimizer)
-    summary = {"rounds": rounds, "tune": tune, "queries": queries, "out": out, "optimizer": optimizer,
+    summary = {"rounds": rounds, "tune": tune, "queries": query_files, "out": out, "optimizer": optimizer,
                "t2v": t2v, "history": history, "wall_seconds": round(time.perf_counter() - t0, 2)}
     storage.write_json(storage.join(out, "loop_summary.json"), summary)
     return summary
@@ -179,7 +189,9 @@ def _brief(gen: dict) -> dict:
 
 def add_arguments(p) -> None:
     p.add_argument("--rounds", type=int, default=1, help="DPO rounds after the SFT round (default 1)")
-    p.add_argument("--queries", help="query file (json/jsonl/parquet/csv) or hf://dataset[:split]")
+    p.add_argument("--sft-queries", help="queries of the SFT set (json/jsonl/parquet/csv or hf://dataset[:split])")
+    p.add_argument("--dpo-queries", help="queries of the DPO sets (the recipe uses a separate file)")
+    p.add_argument("--queries", help="one query file for every set (instead of the two above)")
     p.add_argument("--out", default="runs/loop", help="output directory; round_k/ folders go here")
     p.add_argument("--preset", default="tiny", help="model preset (default tiny)")
     p.add_argument("--tune", choices=TUNE, default="optimizer",
@@ -198,8 +210,11 @@ def run(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        summary = run_loop(args.rounds, args.queries, args.out, args.preset, args.overrides, args.config,
-                           tune=args.tune, weights=args.weights)
+        if args.queries and (args.sft_queries or args.dpo_queries):
+            raise ConfigError("give --queries or --sft-queries/--dpo-queries, not both")
+        summary = run_loop(args.rounds, args.sft_queries or args.queries, args.out, args.preset, args.overrides,
+                           args.config, tune=args.tune, dpo_queries=args.dpo_queries or args.queries,
+                           weights=args.weights)
     except DataError as e:
         print(f"vpo loop: bad training data: {e}", file=sys.stderr)
         return 2

@@ -337,7 +337,8 @@ def _make_trainer(cfg: TrainConfig, config: dict, args, datasets_cache: str):
     from vpo_ray.train.data import load_for_trl
 
     model_path = config["model_path"]
-    dataset = load_for_trl(cfg.data, cfg.method, cache_dir=datasets_cache)
+    dataset = load_for_trl(cfg.data, cfg.method, cache_dir=datasets_cache,
+                           completion_only_loss=cfg.completion_only_loss)
     kwargs: dict = dict(model=build_model(cfg, model_path), args=args, train_dataset=dataset,
                         processing_class=load_tokenizer(cfg, model_path),
                         peft_config=lora_config(cfg) if cfg.lora else None)
