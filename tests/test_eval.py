@@ -37,10 +37,12 @@ def test_few_shot_source_sends_the_few_shot_optimizer_messages(monkeypatch):
     sent = []
 
     class FakeEngine:  # records what the Rewriter stage sends to its model
+        random_outputs = None  # real weights
+
         def __init__(self, model, device=None, config=None):
             pass
 
-        def generate(self, messages_list, seeds, sampling, prefills=None, stop=(), max_new_tokens=None):
+        def generate(self, messages_list, seeds, sampling, prefills=None, stop=(), **kwargs):
             sent.extend(messages_list)
             return [llm.Completion("A prompt.", "stop", 3)] * len(messages_list)
 

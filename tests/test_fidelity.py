@@ -38,9 +38,9 @@ def record_calls(engine) -> list[dict]:
     """Wraps engine.generate; each call's messages and prefills are appended to the returned list."""
     calls, real = [], engine.generate
 
-    def generate(messages_list, seeds, sampling, prefills=None, stop=(), max_new_tokens=None):
+    def generate(messages_list, seeds, sampling, prefills=None, stop=(), **kwargs):
         calls.append({"messages": list(messages_list), "prefills": prefills, "stop": stop})
-        return real(messages_list, seeds, sampling, prefills=prefills, stop=stop, max_new_tokens=max_new_tokens)
+        return real(messages_list, seeds, sampling, prefills=prefills, stop=stop, **kwargs)
 
     engine.generate = generate
     return calls

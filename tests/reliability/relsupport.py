@@ -220,10 +220,13 @@ FAST = ["sampling.max_new_tokens=12", "judge_sampling.max_new_tokens=8", "rewrit
 
 
 def gen_cfg(kind: str, queries: str, out: str, *extra: str):
-    from vpo_ray.config import GenerateConfig, load_config
+    """As `vpo generate --preset tiny` builds it (the tiny preset's job defaults under the overrides)."""
+    from vpo_ray.config import GenerateConfig, load_config_with_defaults
+    from vpo_ray.models.registry import preset_job_defaults
 
-    return load_config(GenerateConfig, None, [f"kind={kind}", f"queries={queries}", f"out={out}", "preset=tiny",
-                                              "num_samples=2", *FAST, *extra])
+    return load_config_with_defaults(GenerateConfig, None, [f"kind={kind}", f"queries={queries}", f"out={out}",
+                                                            "preset=tiny", "num_samples=2", *FAST, *extra],
+                                     preset_job_defaults("tiny"))
 
 
 def gen_overrides(kind: str, queries: str, out: str, *extra: str) -> list[str]:

@@ -4,11 +4,12 @@ The critique is the official two-turn exchange (thu-coai/VPO src/gpt4o_infer.py)
 judge template asks for step-by-step verification and a final Yes/No; a "No" is
 followed by the refine turn, and the judge writes its reflection, then the refined prompt
 between [[start]] and [[end]] (the first such block is read, src/process_data.py).
-Transport, retries and concurrency are `ChatEndpoint`'s. A reply without a parsable
+Transport, retries and concurrency are `ChatEndpoint`'s; a reply without a parsable
 verdict or block is retried like a transport error. A reply the server cut at its token
-limit is an error "truncated" (truncation=error) or, with truncation=keep, used when it
-still parses and marked truncated. Nothing raises out of `judge`/`refine`: a failed item
-is an error string.
+limit (finish_reason "length") still counts when its verdict or its block is complete;
+cut before that it is the error "truncated" (not retried: the same limit cuts it again),
+except that truncation=keep keeps a refinement cut inside its block, marked truncated.
+Nothing raises out of `judge`/`refine`: a failed item is an error string.
 """
 from __future__ import annotations
 

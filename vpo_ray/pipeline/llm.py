@@ -5,10 +5,13 @@ batched `generate` calls. Sampling is seeded per output row (vpo_ray.sampling), 
 text depends only on (seed, query_id, sample_idx) and not on which other rows shared
 its batch: a rerun after a killed actor reproduces the same content.
 
-The local judge reads its verdict by forced choice: after its step-by-step reasoning,
-the prompt is continued with "Final Judgement (Yes or No):" and the next-token
-probabilities of Yes vs No decide. A verdict is never unparseable and carries a
-confidence; the tiny preset's random models still drive every branch.
+The stages follow the VPO recipe (docs/FIDELITY.md): the optimizer gets one user turn
+built from the query as typed (prompts.py); the rewriter runs on the local optimizer or
+on a teacher endpoint; the local judge reasons, then reads its verdict by forced choice
+(the next-token P(Yes) vs P(No) after "Final Judgement (Yes or No):", sampled at the
+judge's temperature); a rejected prompt is refined after the judge's reflection. A
+generation that reaches its token limit is an error "truncated", or is kept and marked
+with truncation=keep (the tiny preset's default).
 """
 from __future__ import annotations
 
