@@ -90,10 +90,11 @@ class EndpointGenerator:
         return self.endpoint.map(one, list(zip(messages_list, seeds)))
 
 
-def _row_error(stage: str, reasons: list[str], fallback: str) -> str:
-    """A query's error when none of its items made it: the items' one shared reason, else `fallback`."""
+def _row_error(stage: str, reasons: list[str], fallback: Optional[str] = None) -> str:
+    """A query's error when none of its items made it: the items' one shared reason (e.g.
+    "truncated"), else `fallback`, else the first of their reasons."""
     distinct = sorted(set(reasons))
-    return f"{stage}: {distinct[0] if len(distinct) == 1 else fallback}"
+    return f"{stage}: {distinct[0] if len(distinct) == 1 or fallback is None else fallback}"
 
 
 class Rewriter:
@@ -293,7 +294,7 @@ class Critic:
         for i in range(n):
             if not errors[i] and not any(c.get("judge") for c in cands[i]):
                 reasons = [c["error"].split(": ", 1)[-1] for c in cands[i] if c["error"]] or ["no candidate judged"]
-                errors[i], stages[i] = _row_error("critique", reasons, "no candidate judged"), "critique"
+                errors[i], stages[i] = _row_error("critique", reasons), "critique"
         out["candidates_json"] = np.array([json.dumps(c, ensure_ascii=False) for c in cands], dtype=object)
         out["error"] = np.array(errors, dtype=object)
         out["error_stage"] = np.array(stages, dtype=object)
