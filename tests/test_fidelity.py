@@ -311,6 +311,29 @@ def test_bad_checklists_name_the_file_and_question(tmp_path, text, message):
         load_checklist("visionreward")
 
 
+def test_video_preference_set_scores_with_the_runs_checklist_and_pair_choice(tmp_path):
+    from vpo_ray.pipeline import video_dpo_set
+    from vpo_ray.pipeline.t2v import latents_uri
+
+    (tmp_path / "c.yaml").write_text("questions:\n  - {id: a, question: 'Is it {query}?', weight: 2}\n"
+                                     "  - {id: b, question: 'Is it sharp?', weight: 1}\n")
+    videos = []
+    for seed, (a, b) in enumerate([(False, False), (False, True), (True, True)]):  # scores 0, 1, 3
+        uri = str(tmp_path / "videos" / f"q1_s{seed}.mp4")
+        Path(latents_uri(uri)).parent.mkdir(exist_ok=True)
+        Path(latents_uri(uri)).write_bytes(b"x")
+        videos.append({"query_id": "q1", "sample_idx": 0, "seed": seed, "prompt": "A fox.", "video_uri": uri,
+                       "error": "", "checklist": [{"id": "a", "answer": a}, {"id": "b", "answer": b}]})
+    cfg = load_config(GenerateConfig, None, ["kind=dpo", f"out={tmp_path}", "video_dpo_set=true",
+                                             "video.seeds_per_prompt=3", f"checklist={tmp_path / 'c.yaml'}"])
+    (first,), _ = video_dpo_set.pair_rows(cfg, videos)
+    assert (first["chosen_seed"], first["rejected_seed"], first["chosen_score"]) == (1, 0, 1.0)  # official: first
+    (widest,), _ = video_dpo_set.pair_rows(replace(cfg, pair_select="largest-gap"), videos)
+    assert (widest["chosen_seed"], widest["chosen_score"]) == (2, 3.0)
+    with pytest.raises(ValueError, match="do not match"):  # the shipped checklist asks other questions
+        video_dpo_set.pair_rows(replace(cfg, checklist="vpo_ray"), videos)
+
+
 # ---------------------------------------------------------------------------- 6. separate query sets
 
 def test_loop_builds_each_set_from_its_own_queries(tmp_path):
@@ -444,3 +467,100 @@ def test_eval_table_gets_vbench_columns_and_scorers_are_checked():
     assert "VBench motion smoothness" in header and "VBench dynamic degree" in header and "Score" not in header
     with pytest.raises(ConfigError, match="video_scorers"):
         load_config(EvalConfig, None, ["video_scorers=[checklist,fvd]"])
+
+
+# ---------------------------------------------------------------------------- the table of docs/FIDELITY.md
+
+CONFIGS = (GenerateConfig, TrainConfig, EvalConfig, ServeConfig)  # the recipe's classes first
+PLACEHOLDERS = ("PATH", "N", "K", "…")  # values the table leaves to the reader
+
+
+def fidelity_rows() -> list[dict]:
+    """docs/FIDELITY.md's main table as {column: cell}."""
+    text = (REPO / "docs" / "FIDELITY.md").read_text(encoding="utf-8")
+    table = text.split("## The table", 1)[1].split("\n## ", 1)[0]
+    lines = [ln for ln in table.splitlines() if ln.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split(" | ")]
+    rows = [dict(zip(head, (c.strip() for c in ln.strip().strip("|").split(" | ")))) for ln in lines[2:]]
+    assert rows and all(len(r) == len(head) for r in rows), "a row of the table has the wrong number of cells"
+    return rows
+
+
+def settings(cell: str) -> list[str]:
+    """The `key=value` / `key` settings in a cell's code spans (CLI flags and file names left out)."""
+    import re
+
+    out = []
+    for span in re.findall(r"`([^`]+)`", cell):
+        for word in span.split():
+            key = word.split("=", 1)[0].removesuffix(".*")
+            if not word.startswith("-") and re.fullmatch(r"[a-z_]+(\.[a-z_]+)*", key) and ("=" in word or "_" in key):
+                out.append(word)
+    return out
+
+
+def default_of(key: str) -> list:
+    """The default of a dotted key in every config class that has it ([] if none)."""
+    found = []
+    for cls in CONFIGS:
+        obj = cls()
+        try:
+            for part in key.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        found.append(obj)
+    return found
+
+
+def test_fidelity_table_names_real_tests():
+    import re
+
+    for row in fidelity_rows():
+        refs, current = re.findall(r"`((?:test_\w+|…)::test_\w+)`", row["pinned by"]), None
+        assert refs, f"{row['element']}: no test pins this row"
+        for ref in refs:
+            file, name = ref.split("::")
+            current = current if file == "…" else file
+            source = (REPO / "tests" / f"{current}.py").read_text(encoding="utf-8")
+            assert f"def {name}(" in source, f"{row['element']}: {current}::{name} does not exist"
+
+
+def test_fidelity_table_defaults_are_the_code_defaults():
+    import yaml
+
+    checked = 0
+    for row in fidelity_rows():
+        for word in settings(row["vpo_ray default"]):
+            key, _, value = word.partition("=")
+            defaults = default_of(key)
+            assert defaults, f"{row['element']}: {key} is no config key"
+            if value and value not in PLACEHOLDERS:
+                expected = yaml.safe_load(value)
+                # the first class holding the key with this kind of value: the recipe's (generate,
+                # train) before eval's and serve's own (eval decodes greedily, ServeConfig.render is a bool)
+                same = [list(d) if isinstance(d, tuple) else d for d in defaults
+                        if isinstance(d, (list, tuple)) == isinstance(expected, list)
+                        and isinstance(d, bool) == isinstance(expected, bool)]
+                assert same and same[0] == expected, f"{row['element']}: {key} defaults to {same[0]!r}"
+                checked += 1
+    assert checked >= 10
+
+
+def test_fidelity_table_switches_are_accepted_keys():
+    from vpo_ray.pipeline.generate import check_config
+
+    for row in fidelity_rows():
+        for word in settings(row["alternative (one key)"]):
+            key, _, value = word.partition("=")
+            assert default_of(key.removesuffix(".*")), f"{row['element']}: {key} is no config key"
+            if not value or value in PLACEHOLDERS:
+                continue
+            loaded = []
+            for cls in (c for c in CONFIGS if key.split(".")[0] in c.__dataclass_fields__):
+                try:  # the switch loads and passes the class's own checks (generate's too)
+                    cfg = load_config(cls, None, [word])
+                    loaded.append(check_config(cfg) if cls is GenerateConfig else cfg)
+                except ConfigError:
+                    continue  # a key of the same name elsewhere (ServeConfig.render: a bool)
+            assert loaded, f"{row['element']}: no config accepts {word}"

@@ -13,20 +13,54 @@ from vpo_ray.pipeline.generate import run_generate
 QUERIES = ["a cat playing piano in a jazz bar", "drone shot of waves crashing on a black sand beach",
            "an astronaut riding a horse on mars", "children building a sandcastle at sunset"]
 FAST = ["sampling.max_new_tokens=12", "judge_sampling.max_new_tokens=8", "video.num_frames=9", "video.height=32",
-        "video.width=32", "video.num_inference_steps=2", "video.judge_frames=2", "video_judge_stage.batch_size=4"]
+        "video.width=32", "video.num_inference_steps=2", "video.judge_frames=2", "video_judge_stage.batch_size=4",
+        "truncation=keep"]  # random weights reach the token limit: keep those rows (the tiny preset's job default)
 
 
 @pytest.fixture(scope="module")
-def video_set(ray_session, tmp_path_factory):
+def video_run(ray_session, tmp_path_factory):
     root = tmp_path_factory.mktemp("video_set")
     queries = root / "queries.json"
     queries.write_text(json.dumps(QUERIES))
     out = str(root / "out")
-    # three seeds per prompt; margin 0 so the random tiny judge's answers can form pairs
+    # three seeds per prompt; margin 0 so that any dominance forms a pair
     cfg = load_config(GenerateConfig, None, [f"queries={queries}", f"out={out}", "kind=dpo", "preset=tiny",
                                              "num_samples=2", "video_dpo_set=true", "video.seeds_per_prompt=3",
                                              "pair_margin=0.0", *FAST])
-    return out, run_generate(cfg)
+    return cfg, run_generate(cfg)
+
+
+@pytest.fixture(scope="module")
+def video_set(video_run):
+    """The run's set, rebuilt by the same hook after the videos' answers are set per seed.
+
+    The tiny judge's random weights answer every question of every video alike (which way
+    depends on the build), so the run's own set may hold no pair. Seed s here answers yes
+    to the first 8 - 3s questions: seed 0 dominates seed 1, which dominates seed 2.
+    """
+    from vpo_ray.pipeline import video_dpo_set
+
+    cfg, summary = video_run
+    path = os.path.join(cfg.out, "videos.jsonl")
+    videos = [json.loads(line) for line in open(path)]
+    for v in videos:
+        for k, a in enumerate(v["checklist"]):
+            a["answer"] = k < 8 - 3 * (v["seed"] % 1000)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(v) + "\n" for v in videos)
+    stages = dict(summary["stages"], video_dpo_set=video_dpo_set.write(cfg, videos))
+    return cfg.out, dict(summary, stages=stages)
+
+
+def test_the_run_writes_its_set_and_keeps_every_videos_latents(video_run):
+    import pyarrow.parquet as pq
+
+    cfg, summary = video_run
+    stage = summary["stages"]["video_dpo_set"]
+    table = pq.read_table(os.path.join(cfg.out, "video_dpo.parquet"))
+    assert table.schema.equals(schema.arrow_schema("video_dpo"))
+    assert stage["pairs"] == table.num_rows and stage["output"].endswith("video_dpo.parquet")
+    assert stage["videos_without_latents"] == 0 and stage["prompts"] == 8  # 4 queries x 2 samples, all rendered
 
 
 def test_video_set_is_written_with_its_schema_and_latents(video_set):

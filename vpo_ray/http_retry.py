@@ -50,8 +50,10 @@ def retry_after_s(headers) -> Optional[float]:
 class _Wait(tenacity.wait.wait_base):
     def __init__(self, policy: RetryPolicy):
         self.policy = policy
-        self.backoff = tenacity.wait_exponential_jitter(initial=policy.backoff_s, max=policy.max_wait_s,
-                                                        jitter=policy.backoff_s)
+        # backoff_s * 2**(n-1) plus up to backoff_s of jitter (wait_exponential_jitter's rule,
+        # spelled with waits whose arguments are the same on every tenacity 8.2-9.x)
+        self.backoff = (tenacity.wait_exponential(multiplier=policy.backoff_s, max=policy.max_wait_s)
+                        + tenacity.wait_random(0, policy.backoff_s))
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> float:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
