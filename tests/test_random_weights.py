@@ -100,8 +100,9 @@ def test_one_pool_rewrites_and_judges_when_both_are_one_model(tiny_cache):
     tiny = registry.model_path(registry.get_spec("tiny", "judge"))
     stage = flow.RewriteAndJudge(rewrite=dict(model=tiny, num_samples=2, sampling={"max_new_tokens": 8}),
                                  judge=dict(model=tiny, sampling={"max_new_tokens": 6}, endpoint={}, refine=True))
-    assert stage.rewriter.engine is stage.critic.backend.engine
-    batch = {"query_id": np.array(["q1"], dtype=object), "text": np.array(["a fox in the snow"], dtype=object),
+    assert stage.rewriter.backend.engine is stage.critic.backend.engine
+    batch = {"query_id": np.array(["q1"], dtype=object), "query": np.array(["a fox in the snow"], dtype=object),
+             "text": np.array(["a fox in the snow"], dtype=object),
              "error": np.array([""], dtype=object), "error_stage": np.array([""], dtype=object)}
     cands = json.loads(stage(batch)["candidates_json"][0])
     assert len(cands) == 2 and all(c.get("judge") or c.get("error") for c in cands)
