@@ -106,3 +106,17 @@ def test_the_set_is_ready_for_training(video_set):
     files, rows = read_pairs(out)
     assert len(rows) == summary["stages"]["video_dpo_set"]["pairs"]
     assert all(os.path.exists(r["chosen_latents"]) and os.path.exists(r["rejected_latents"]) for r in rows)
+
+
+def test_a_tuned_video_model_is_what_the_next_round_renders_with(tiny_cache, tmp_path):
+    """`vpo loop --tune video` hands round k+1 the video model of round k as `t2v=` (a dir or run folder)."""
+    import shutil
+
+    from vpo_ray.models.registry import get_spec, model_path
+    from vpo_ray.pipeline.flow import resolve_models
+
+    tuned = tmp_path / "vdpo" / "model"
+    shutil.copytree(model_path(get_spec("tiny", "t2v")), tuned)
+    for t2v, expected in ((None, model_path(get_spec("tiny", "t2v"))), (str(tmp_path / "vdpo"), str(tuned))):
+        cfg = load_config(GenerateConfig, None, ["kind=dpo", "preset=tiny", f"t2v={t2v}" if t2v else "t2v=null"])
+        assert str(resolve_models(cfg)["t2v"]) == expected
