@@ -232,6 +232,30 @@ def test_teacher_endpoint_rewrites_with_the_judges_retries_and_accounting(monkey
     assert set(script.auth) == {"Bearer sk-teacher"} and script.max_active <= 2
 
 
+def test_run_switches_reach_the_llm_stages_the_flow_builds(tiny_cache):
+    """`vpo generate prompts.template_set=vpo_ray truncation=keep ...`: the Rewriter and Critic built
+    from flow.llm_stage_kwargs (the one place both stages' arguments come from) run with every switch
+    (each set away from the stage constructors' defaults) and the engine settings."""
+    from vpo_ray.pipeline import flow
+    from vpo_ray.pipeline.llm import EndpointGenerator
+
+    cfg = load_config(GenerateConfig, None, [
+        "preset=tiny", "kind=sft", "prompts.template_set=vpo_ray", "prompts.optimizer_input=text",
+        "truncation=keep", "refine_reflection=false", "refine_keep_multiline=true", "llm_engine.backend=hf"])
+    tiny = flow.resolve_models(cfg)["judge"]
+    rewrite, judge = flow.llm_stage_kwargs(cfg, {"optimizer": tiny, "judge": tiny})
+    stage = flow.RewriteAndJudge(rewrite=rewrite, judge=judge)
+    rewriter, local = stage.rewriter, stage.critic.backend
+    assert rewriter.templates == local.templates == prompts.load_templates(PromptsConfig(template_set="vpo_ray"))
+    assert rewriter.input == "text" and rewriter.keep_cut and local.keep_cut
+    assert not local.reflection and local.keep_multiline
+    assert rewriter.backend.engine is local.engine and local.engine.backend == "hf"
+    teacher = replace(cfg, teacher_endpoint=replace(cfg.teacher_endpoint, base_url="http://127.0.0.1:9/v1"))
+    rewrite, _ = flow.llm_stage_kwargs(teacher, {"optimizer": tiny, "judge": tiny})
+    backend = Rewriter(**rewrite).backend
+    assert isinstance(backend, EndpointGenerator) and backend.endpoint.url == "http://127.0.0.1:9/v1/chat/completions"
+
+
 # ---------------------------------------------------------------------------- SFT target and rendering
 
 def _cand(idx, verdict=None, conf=0.9, refined=None, prompt="p"):

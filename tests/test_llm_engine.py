@@ -214,6 +214,6 @@ def test_a_generate_jobs_llm_engine_settings_reach_both_llm_stages(tiny_cache):
     tiny = flow.resolve_models(cfg)["judge"]
     rewrite, judge = flow.llm_stage_kwargs(cfg, {"optimizer": tiny, "judge": tiny})
     stage = flow.RewriteAndJudge(rewrite=rewrite, judge=judge)
-    engine = stage.rewriter.engine
+    engine = stage.rewriter.backend.engine  # the Rewriter's local back-end (LocalGenerator)
     assert engine is stage.critic.backend.engine
     assert (engine.backend, engine.cfg.max_batch_rows) == ("hf", 4)

@@ -67,7 +67,7 @@ class _Reporter:
 
 
 def _engines(stage: Any) -> list:
-    """The LLM engines a stage object holds (Rewriter.engine, Critic.backend.engine, RewriteAndJudge's two)."""
+    """The LLM engines a stage object holds (Rewriter.backend.engine, Critic.backend.engine, RewriteAndJudge's two)."""
     found = []
     for obj in (stage, getattr(stage, "rewriter", None), getattr(stage, "critic", None)):
         for holder in (obj, getattr(obj, "backend", None)):
