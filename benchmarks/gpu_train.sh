@@ -79,8 +79,11 @@ case "$scenario" in
     # One checkpoint (~130 GB with the 16-bit export copy) at step 3; the last worker exits at step 6
     # before that step is logged; the restarted group reads checkpoint 3 and trains steps 4-6 again.
     rm -rf "$work/resume"
+    export VPO_FAULTS="train_step:exit,step=6,rank=last,times=1" VPO_FAULTS_DIR="$work/resume-faults"  # vpo_ray/faults.py
+    rm -rf "$VPO_FAULTS_DIR"
     train "$(left)" sft "$work/resume" packing=true max_steps=6 save_steps=3 keep_checkpoints=1 save_at_end=false \
-      fault_step=6 max_failures=1 export=false learning_rate=1e-5 ;;
+      max_failures=1 export=false learning_rate=1e-5
+    unset VPO_FAULTS VPO_FAULTS_DIR ;;
   serve)
     rm -rf "$work/serve"
     train 260 sft "$work/serve" packing=true max_steps=2 save_steps=0 learning_rate=1e-5

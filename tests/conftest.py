@@ -84,3 +84,22 @@ def pick_free_port():
     # A fixture, not an import: tests/reliability has its own conftest, which shadows
     # `import conftest` there. Session scope so module-scoped server fixtures can use it.
     return free_port
+
+
+@pytest.fixture(scope="session")
+def two_nodes():
+    """A two-node Ray cluster (tests/twonode_cluster.py), one for the whole session: a second Ray
+    beside the session's own, never a third."""
+    import shutil
+    import tempfile
+
+    from twonode_cluster import TwoNodes
+
+    root = Path(tempfile.mkdtemp(prefix="vpo2n-", dir="/tmp"))  # short: Ray's socket paths have a limit
+    cluster = TwoNodes(root)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)

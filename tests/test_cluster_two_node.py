@@ -1,14 +1,6 @@
-"""A real two-node Ray cluster on this machine, jobs sent with `ray job submit`, as on a cluster.
-
-Two `ray start --block` processes (a head and a worker carrying the custom resource
-`worker_node`), each on its own ports and temp dir, with token auth on (RAY_AUTH_MODE=token,
-a token made for this test), so they never meet a test session's local Ray. Jobs go through
-the Jobs API with `jobs/runtime_env.yaml`'s excludes; which node ran what is read afterwards
-from Ray's state API (tasks and actors of the job, with their node ids).
-
-Teardown ends exactly the processes these two `ray start` commands started (by pid, found
-as their descendants), never `ray stop`: that kills every Ray process on the machine,
-including the test session's own instance.
+"""A real two-node Ray cluster on this machine (tests/twonode_cluster.py), jobs sent with
+`ray job submit`, as on a cluster: both nodes run work, token auth refuses strangers, and the
+tiny full loop runs across both nodes.
 """
 from __future__ import annotations
 
@@ -16,21 +8,13 @@ import importlib
 import json
 import os
 import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-import uuid
-from pathlib import Path
 
 import pytest
-import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-RAY = str(Path(sys.executable).with_name("ray"))
+from twonode_cluster import RAY, REPO, head_and_worker
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2700)]
 
 PROBE = '''
@@ -49,209 +33,8 @@ print("PROBE " + json.dumps({"anywhere": ray.get(anywhere), "pinned": ray.get(pi
 '''
 
 
-def _json(text: str):
-    """The JSON document in a `ray list ... --format json` output (warnings may precede it)."""
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.lstrip().startswith(("[", "{"))), None)
-    if start is None and "No resource in the cluster" in text:  # what the CLI prints for no rows
-        return []
-    if start is None:
-        raise AssertionError(f"no JSON in: {text[-1500:]}")
-    return json.loads("\n".join(lines[start:]))
-
-
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _free_range(width: int = 60) -> int:
-    """Start of `width` consecutive free ports (Ray worker ports)."""
-    for start in range(23000, 60000, width):
-        ok = True
-        for p in range(start, start + width):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return start
-    raise RuntimeError("no free port range for Ray workers")
-
-
-class TwoNodes:
-    def __init__(self, root: Path):
-        self.root = root
-        self.procs: list[subprocess.Popen] = []
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-        self.env.update({
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN": secrets.token_hex(32),  # this test's cluster only
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false", "VPO_PROGRESS": "0",
-            "VPO_CACHE": os.environ.get("VPO_CACHE") or str(root / "vpo_cache"),
-        })
-        (gcs, dash, client, h_agent, h_grpc, h_rte, h_metrics, h_nm, h_om,
-         w_agent, w_grpc, w_rte, w_metrics, w_nm, w_om) = _free_ports(15)
-        self.gcs = f"127.0.0.1:{gcs}"
-        self.dashboard = f"http://127.0.0.1:{dash}"
-        head_workers = _free_range(120)
-        worker_workers = head_workers + 60
-        common = ["--block", "--node-ip-address", "127.0.0.1", "--num-gpus", "0", "--disable-usage-stats",
-                  "--object-store-memory", str(300 * 1024 * 1024)]
-        # 4 logical CPUs a node (on 2 cores): the loop's four actor pools plus Ray Data's tasks fit
-        self.head_cmd = [RAY, "start", "--head", *common, "--port", str(gcs), "--num-cpus", "4",
-                         "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-                         "--ray-client-server-port", str(client), "--temp-dir", str(root / "head"),
-                         "--dashboard-agent-listen-port", str(h_agent), "--dashboard-agent-grpc-port", str(h_grpc),
-                         "--runtime-env-agent-port", str(h_rte), "--metrics-export-port", str(h_metrics),
-                         "--node-manager-port", str(h_nm), "--object-manager-port", str(h_om),
-                         "--min-worker-port", str(head_workers), "--max-worker-port", str(head_workers + 59)]
-        self.worker_cmd = [RAY, "start", *common, "--address", self.gcs, "--num-cpus", "4",
-                           "--resources", json.dumps({"worker_node": 4}), "--temp-dir", str(root / "worker"),
-                           "--dashboard-agent-listen-port", str(w_agent), "--dashboard-agent-grpc-port", str(w_grpc),
-                           "--runtime-env-agent-port", str(w_rte), "--metrics-export-port", str(w_metrics),
-                           "--node-manager-port", str(w_nm), "--object-manager-port", str(w_om),
-                           "--min-worker-port", str(worker_workers), "--max-worker-port", str(worker_workers + 59)]
-
-    # -- processes
-
-    def _start(self, cmd: list[str], name: str) -> None:
-        log = open(self.root / f"{name}.log", "w")
-        self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                           cwd=self.root, start_new_session=True))
-
-    def start(self) -> None:
-        self._start(self.head_cmd, "head")
-        self._wait_nodes(1, 180)
-        self._start(self.worker_cmd, "worker")
-        self._wait_nodes(2, 180)
-
-    def stop(self) -> None:
-        import psutil
-
-        owned = []
-        for p in self.procs:
-            try:
-                parent = psutil.Process(p.pid)
-                owned += [parent, *parent.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                pass
-        for p in reversed(self.procs):  # worker first; `ray start --block` stops its node on SIGTERM
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        _, alive = psutil.wait_procs(owned, timeout=20)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=10)
-
-    # -- ray CLI against this cluster only
-
-    def ray(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run([RAY, *args], capture_output=True, text=True, env=self.env, cwd=self.root,
-                              timeout=timeout)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"ray {' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}\n"
-                                 f"{self.logs()}")
-        return proc
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted(self.root.glob("*.log")))
-
-    def nodes(self) -> list[dict]:
-        out = self.ray("list", "nodes", "--address", self.dashboard, "--format", "json", check=False)
-        if out.returncode != 0:
-            return []
-        return [n for n in _json(out.stdout or "[]") if n.get("state") == "ALIVE"]
-
-    def _wait_nodes(self, n: int, timeout: float) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            for p in self.procs:
-                if p.poll() is not None:
-                    raise AssertionError(f"`ray start` exited with {p.returncode}:\n{self.logs()}")
-            if len(self.nodes()) >= n:
-                return
-            time.sleep(2)
-        raise AssertionError(f"{n} Ray node(s) not alive after {timeout}s:\n{self.logs()}")
-
-    def runtime_env(self, **env_vars: str) -> Path:
-        """jobs/runtime_env.yaml with its env vars pointed inside the test's temp dir."""
-        env = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
-        env["working_dir"] = str(REPO)
-        env["env_vars"] = {**env.get("env_vars", {}), "HF_HOME": str(self.root / "hf"),
-                           "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                           "VPO_CACHE": self.env["VPO_CACHE"], **env_vars}
-        path = self.root / f"runtime_env-{uuid.uuid4().hex[:6]}.yaml"
-        path.write_text(yaml.safe_dump(env))
-        return path
-
-    def submit(self, entrypoint: list[str], timeout: float) -> tuple[str, str, str]:
-        """Submit, wait; returns (submission id, final status, logs)."""
-        sid = f"vpo-test-{uuid.uuid4().hex[:8]}"
-        self.ray("job", "submit", "--address", self.dashboard, "--submission-id", sid, "--no-wait",
-                 "--runtime-env", str(self.runtime_env()), "--", *entrypoint, timeout=300)
-        deadline = time.time() + timeout
-        status = "PENDING"
-        while time.time() < deadline:
-            status = self.job(sid).get("status", status)
-            if status in ("SUCCEEDED", "FAILED", "STOPPED"):
-                break
-            time.sleep(5)
-        logs = self.ray("job", "logs", "--address", self.dashboard, sid, check=False).stdout
-        return sid, status, logs
-
-    def job(self, submission_id: str) -> dict:
-        jobs = _json(self.ray("list", "jobs", "--address", self.dashboard, "--format", "json").stdout)
-        (job,) = [j for j in jobs if j.get("submission_id") == submission_id]
-        return job
-
-    def job_nodes(self, submission_id: str) -> set[str]:
-        """Node ids of every task and actor the job ran (state API)."""
-        job_id = self.job(submission_id)["job_id"]
-        used = set()
-        for kind in ("tasks", "actors"):
-            out = self.ray("list", kind, "--address", self.dashboard, "--format", "json", "--detail",
-                           "--limit", "10000", "--filter", f"job_id={job_id}", timeout=180).stdout
-            used |= {r["node_id"] for r in _json(out or "[]") if r.get("node_id")}
-        return used
-
-
-@pytest.fixture(scope="module")
-def two_nodes():
-    root = Path(tempfile.mkdtemp(prefix="vpo2n-", dir="/tmp"))  # short: Ray's socket paths have a limit
-    cluster = TwoNodes(root)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _head_and_worker(cluster: TwoNodes) -> tuple[str, str]:
-    nodes = cluster.nodes()
-    head = [n["node_id"] for n in nodes if n.get("is_head_node")]
-    worker = [n["node_id"] for n in nodes if not n.get("is_head_node")]
-    assert len(head) == 1 and len(worker) == 1, nodes
-    return head[0], worker[0]
-
-
 def test_job_submitted_with_token_runs_on_both_nodes(two_nodes, tmp_path):
-    head, worker = _head_and_worker(two_nodes)
+    head, worker = head_and_worker(two_nodes)
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     sid, status, logs = two_nodes.submit([sys.executable, str(probe)], timeout=600)
@@ -293,7 +76,7 @@ def test_tiny_full_loop_runs_across_both_nodes(two_nodes):
         importlib.import_module("vpo_ray.train.loop")
     except ImportError as e:
         pytest.skip(f"vpo_ray.train.loop does not import yet ({e}); this test needs `vpo loop`")
-    head, worker = _head_and_worker(two_nodes)
+    head, worker = head_and_worker(two_nodes)
     out = two_nodes.root / "loop"
     extra = os.environ.get("VPO_TWO_NODE_OVERRIDES", "").split()
     sid, status, logs = two_nodes.submit(

@@ -159,13 +159,19 @@ def test_zero3_sft_then_dpo(zero3, base_model):
     assert all("rewards/margins" in r for r in steps(root / "dpo"))
 
 
-def test_killed_worker_resumes_from_checkpoint(zero3, base_model, data, tmp_path):
-    """The last worker dies at step 3; the group restarts from checkpoint 2 and ends where an undisturbed run ends."""
+def test_killed_worker_resumes_from_checkpoint(zero3, base_model, data, tmp_path, monkeypatch):
+    """The last worker dies at step 3 (VPO_FAULTS drill); the group restarts from checkpoint 2 and ends where an
+    undisturbed run ends."""
+    from vpo_ray import faults
+
     root, undisturbed, _ = zero3
     out = tmp_path / "faulty"
+    monkeypatch.setenv("VPO_FAULTS", "train_step:exit,step=3,rank=last,times=1")
+    monkeypatch.setenv("VPO_FAULTS_DIR", str(tmp_path / "faults"))
     got = run_train("sft", data["sft"], out, base_model, deepspeed_stage=3, max_steps=6, save_steps=2,
-                    learning_rate=SFT_LR, fault_step=3, max_failures=1)
-    assert (out / ".fault_injected").read_text().startswith("killed at step 3")
+                    learning_rate=SFT_LR, max_failures=1)
+    (exited,) = faults.fired(str(tmp_path / "faults"))
+    assert (exited["action"], exited["step"], exited["rank"]) == ("exit", 3, 1)
     assert got["global_step"] == undisturbed["global_step"] == 6
     faulty, clean = steps(out), steps(root / "sft")
     assert [r["step"] for r in faulty] == [1, 2, 3, 4, 5, 6]  # step 3 logged once: the re-run replaced it
@@ -249,9 +255,12 @@ def random_sft(ray_session, data, tmp_path_factory):
     killed at step 5 after the checkpoint of step 3, no checkpoint after the last step."""
     root = tmp_path_factory.mktemp("random_sft")
     arch = shrunk_llama(root / "arch")
-    summary = run_train("sft", data["sft"], root / "out", arch, weights="random", deepspeed_stage=3, packing=True,
-                        max_length=640, per_device_batch_size=1, max_steps=6, save_steps=3, keep_checkpoints=1,
-                        save_at_end=False, fault_step=6, max_failures=1, learning_rate=SFT_LR)
+    with pytest.MonkeyPatch.context() as env:  # the last worker exits at step 6 (vpo_ray/faults.py)
+        env.setenv("VPO_FAULTS", "train_step:exit,step=6,rank=last,times=1")
+        env.setenv("VPO_FAULTS_DIR", str(root / "faults"))
+        summary = run_train("sft", data["sft"], root / "out", arch, weights="random", deepspeed_stage=3, packing=True,
+                            max_length=640, per_device_batch_size=1, max_steps=6, save_steps=3, keep_checkpoints=1,
+                            save_at_end=False, max_failures=1, learning_rate=SFT_LR)
     return root, arch, summary
 
 

@@ -46,6 +46,9 @@ class StageConfig:
     # GPU model the pool's actors need (Ray's accelerator_type: "A10G", "A100", "H100");
     # None = any. On an autoscaling cluster a worker group must declare it (cluster/README.md).
     accelerator_type: Optional[str] = None
+    # A model call (a batch; one video for render and video judge) still running after this
+    # many seconds ends its actor: Ray restarts it and retries the rows (pipeline/guard.py). 0 = off.
+    watchdog_s: float = 1800.0
 
 
 WEIGHTS = ("pretrained", "random")  # a job's `weights`: released checkpoints, or real architectures with random weights
@@ -279,6 +282,10 @@ class TrainConfig:
     ref_model: Optional[str] = None  # DPO reference; None = a frozen copy of `model`
     num_workers: int = 2
     cpus_per_worker: float = 1.0  # Ray resources each training worker reserves
+    # How the workers' placement group is laid out (Ray Train ScalingConfig.placement_strategy):
+    # PACK fills a node first (fastest collectives); SPREAD puts ranks on different nodes where it
+    # can, so one lost node takes fewer of them. Both are soft: a restart fits on what is left.
+    placement_strategy: str = "PACK"
     use_gpu: bool = False
     accelerator_type: Optional[str] = None  # GPU model every worker needs ("A100", "H100"); None = any
     deepspeed_stage: int = 2  # 0 = no DeepSpeed (plain DDP), 2 or 3 = ZeRO stage
@@ -323,7 +330,6 @@ class TrainConfig:
     overlap_comm: Optional[bool] = None  # DeepSpeed: overlap gradient reduction with backward; None = on with GPUs
     bucket_size: Optional[int] = None  # DeepSpeed reduce/prefetch bucket, elements; None = hidden^2 (HF's auto)
     export: bool = True  # write DIR/model at the end (benchmarks skip it: gathering 8B weights takes a minute)
-    fault_step: int = -1  # chaos drill: the last worker exits once at this step (marker file in out/)
     seed: int = 0
     ray: RayConfig = RayConfig()
 
@@ -333,6 +339,8 @@ class TrainConfig:
             raise ConfigError(f"method: expected sft or dpo, got {self.method!r}")
         if self.deepspeed_stage not in (0, 2, 3):
             raise ConfigError(f"deepspeed_stage: expected 0 (plain DDP), 2 or 3, got {self.deepspeed_stage}")
+        if self.placement_strategy not in ("PACK", "SPREAD"):
+            raise ConfigError(f"placement_strategy: expected PACK or SPREAD, got {self.placement_strategy!r}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"precision: expected fp32, bf16 or fp16, got {self.precision!r}")
         if self.offload and self.deepspeed_stage == 0:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from relsupport import HEAVY, RESULTS, SFT_QUERIES, Entry, gen_cfg
+from relsupport import DPO_EXTRA, DPO_QUERIES, HEAVY, RESULTS, SFT_QUERIES, Entry, gen_cfg
 
 _T0 = time.time()
 
@@ -227,3 +227,19 @@ def sft_reference(ray_session, sft_queries, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("sft_reference"))
     summary = run_generate(gen_cfg("sft", sft_queries, out))
     return out, summary
+
+
+@pytest.fixture(scope="session")
+def dpo_queries(tmp_path_factory):
+    p = tmp_path_factory.mktemp("dpo_q") / "dpo_queries.json"
+    p.write_text(json.dumps(DPO_QUERIES))
+    return str(p)
+
+
+@pytest.fixture(scope="session")
+def dpo_reference(ray_session, dpo_queries, tmp_path_factory):
+    """An undisturbed DPO run (every stage, videos included): what disturbed runs must reproduce."""
+    from vpo_ray.pipeline.generate import run_generate
+
+    out = str(tmp_path_factory.mktemp("dpo_reference"))
+    return out, run_generate(gen_cfg("dpo", dpo_queries, out, *DPO_EXTRA))

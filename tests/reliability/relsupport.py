@@ -133,17 +133,17 @@ def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
 
 
-def _rounded(v: Any) -> Any:
+def rounded(v: Any) -> Any:
     if isinstance(v, float):
         return round(v, 5)
     if isinstance(v, dict):
-        return {k: _rounded(x) for k, x in v.items()}
+        return {k: rounded(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_rounded(x) for x in v]
+        return [rounded(x) for x in v]
     return v
 
 
-def _decoded(row: dict) -> dict:
+def decoded(row: dict) -> dict:
     return {k: (json.loads(v) if k.endswith("_json") and isinstance(v, str) and v else v) for k, v in row.items()}
 
 
@@ -152,7 +152,7 @@ def content(out: str, kind: str) -> dict:
 
     Floats are compared to 5 decimals; the run's own directory is masked out of paths.
     """
-    rows = sorted(json.dumps(_rounded(_decoded(r)), sort_keys=True, ensure_ascii=False).replace(str(out), "<OUT>")
+    rows = sorted(json.dumps(rounded(decoded(r)), sort_keys=True, ensure_ascii=False).replace(str(out), "<OUT>")
                   for r in read_set(out, kind))
     errors = sorted((e["query_id"], e["stage"], e["reason"]) for e in read_jsonl(Path(out) / "errors.jsonl"))
     dups = sorted((d["query_id"], d["source_row"]) for d in read_jsonl(Path(out) / "duplicates.jsonl"))
@@ -212,6 +212,20 @@ SFT_QUERIES = [
     "a chef flipping pancakes in a busy kitchen",
     "a fox walking through fresh snow in a pine forest",
 ]
+
+DPO_QUERIES = [
+    "a cat playing piano in a jazz bar -ar 16:9",
+    "drone shot of waves crashing on black sand beach",
+    "",  # ingest error
+    "a red vintage car driving along a coastal road",
+    "a hummingbird drinking nectar in slow motion",
+    "A cat playing piano in a jazz bar",  # exact duplicate
+    "an old lighthouse in a storm at night",
+    "a chef flipping pancakes in a busy kitchen",
+    "a fox walking through fresh snow in a pine forest",
+    "children building a sandcastle at sunset",
+]
+DPO_EXTRA = ("video.seeds_per_prompt=2", "pair_margin=0.0")
 
 FAST = ["sampling.max_new_tokens=12", "judge_sampling.max_new_tokens=8", "rewrite_stage.batch_size=2",
         "judge_stage.batch_size=2", "video.num_frames=9", "video.height=32", "video.width=32",

@@ -18,42 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from relsupport import (REPO, SFT_QUERIES, accounting, alive_actors, busy, content, gcs_address, gen_cfg, gen_overrides,
-                        kill9, pid_alive, read_jsonl, reps, subprocess_env, wait_for)
+from relsupport import (DPO_EXTRA, DPO_QUERIES, REPO, SFT_QUERIES, accounting, alive_actors, busy, content, gcs_address,
+                        gen_cfg, gen_overrides, kill9, pid_alive, read_jsonl, reps, subprocess_env, wait_for)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-DPO_QUERIES = [
-    "a cat playing piano in a jazz bar -ar 16:9",
-    "drone shot of waves crashing on black sand beach",
-    "",  # ingest error
-    "a red vintage car driving along a coastal road",
-    "a hummingbird drinking nectar in slow motion",
-    "A cat playing piano in a jazz bar",  # exact duplicate
-    "an old lighthouse in a storm at night",
-    "a chef flipping pancakes in a busy kitchen",
-    "a fox walking through fresh snow in a pine forest",
-    "children building a sandcastle at sunset",
-]
 STAGE_CLASSES = ("Rewriter", "Critic", "RenderStage", "VideoJudge")
-
-
-@pytest.fixture(scope="module")
-def dpo_queries(tmp_path_factory):
-    p = tmp_path_factory.mktemp("dpo_q") / "dpo_queries.json"
-    p.write_text(json.dumps(DPO_QUERIES))
-    return str(p)
-
-
-DPO_EXTRA = ("video.seeds_per_prompt=2", "pair_margin=0.0")
-
-
-@pytest.fixture(scope="module")
-def dpo_reference(ray_session, dpo_queries, tmp_path_factory):
-    from vpo_ray.pipeline.generate import run_generate
-
-    out = str(tmp_path_factory.mktemp("dpo_reference"))
-    return out, run_generate(gen_cfg("dpo", dpo_queries, out, *DPO_EXTRA))
 
 
 class Chaos:

@@ -1,7 +1,7 @@
 """Training faults: a worker process killed mid-epoch, and a corrupt newest checkpoint.
 
 tests/test_train.py::test_killed_worker_resumes_from_checkpoint already drills a worker
-that exits (cfg.fault_step) and checks the losses match an undisturbed run; here the
+that exits (the VPO_FAULTS train_step drill) and checks the losses match an undisturbed run; here the
 worker is killed from outside with SIGKILL (an OOM kill, a lost node) at a moment chosen
 by the test, and the invariants are that the run finishes at its last step with every
 step logged once. Then the newest checkpoint of that run is corrupted and the run is
@@ -99,9 +99,10 @@ def test_killed_worker_resumes_from_checkpoint(killed_run, rel):
     assert state["rank0_seconds"]["started_at"] > kills[-1]["epoch"]
 
 
-def test_reference_to_the_fault_step_drill(rel):
+def test_reference_to_the_train_step_exit_drill(rel):
     """Counted here, run in tests/test_train.py (it needs an undisturbed run to compare losses)."""
-    e = rel("fault", "training", "worker exits at a step (cfg.fault_step drill): losses equal an undisturbed run")
+    e = rel("fault", "training",
+            "worker exits at a step (VPO_FAULTS train_step:exit drill): losses equal an undisturbed run")
     e.tried = 0
     e.metrics = {"covered_by": "tests/test_train.py::test_killed_worker_resumes_from_checkpoint"}
     pytest.skip("runs in tests/test_train.py (pytest tests/test_train.py -k killed_worker)")

@@ -99,7 +99,9 @@ class Finaliser:
         if rows:
             return {"query_id": qid, "rows": rows, "how": rows[0]["source"]}
         rendered = [v for v in videos if v.get("video_uri") and not v.get("error")]
-        if videos and not rendered:
+        if videos and not any(v.get("video_uri") for v in videos):
             return {"query_id": qid, "error": error_row(qid, "render", "no video could be rendered")}
+        if videos and not rendered:  # rendered, but the video judge failed on every one
+            return {"query_id": qid, "error": error_row(qid, "video_judge", "no video could be judged")}
         reason = f"no preference pair ({len(rendered)} videos, no refinement of a rejected sample)"
         return {"query_id": qid, "error": error_row(qid, "pairs", reason)}

@@ -17,7 +17,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from vpo_ray.config import GenerateConfig, to_dict
+from vpo_ray import faults, storage
+from vpo_ray.config import GenerateConfig, StageConfig, to_dict
 from vpo_ray.pipeline import placement
 from vpo_ray.schema import Flags
 
@@ -74,7 +75,7 @@ class RenderStage:
                     out[col][i] = res[col][pos]
                 if res["error"][pos]:  # marks the video, not the query, as failed
                     out["video_error"] = out.get("video_error", [""] * n)
-                    out["video_error"][i] = f"render: {res['error'][pos]}"
+                    out["video_error"][i] = str(res["error"][pos])  # T2VRenderer says "render: <why>"
         out.setdefault("video_error", [""] * n)
         return {k: np.asarray(v, dtype=object) if k in ("video_uri", "model", "video_error") else np.asarray(v)
                 for k, v in out.items()}
@@ -94,6 +95,12 @@ class RewriteAndJudge:
 
 
 # ---------------------------------------------------------------------------- pools
+
+def guarded(stage: StageConfig, out: str) -> dict:
+    """The watchdog settings of a stage's actors (pipeline/guard.py); struck rows are kept under out/watchdog."""
+    return dict(watchdog_s=stage.watchdog_s,
+                strikes_dir=storage.join(out, "watchdog") if stage.watchdog_s > 0 else None)
+
 
 def shares_llm(cfg: GenerateConfig, models: dict) -> bool:
     return (cfg.placement.share_llm and cfg.judge_endpoint.base_url is None and cfg.teacher_endpoint.base_url is None
@@ -135,10 +142,12 @@ def llm_stage_kwargs(cfg: GenerateConfig, models: dict, templates=None) -> tuple
     engine = to_dict(cfg.llm_engine)
     rewrite = dict(model=models["optimizer"], num_samples=cfg.samples, sampling=to_dict(cfg.sampling),
                    seed=cfg.seed, endpoint=to_dict(cfg.teacher_endpoint), templates=templates,
-                   optimizer_input=cfg.prompts.optimizer_input, truncation=cfg.truncation, engine=engine)
+                   optimizer_input=cfg.prompts.optimizer_input, truncation=cfg.truncation, engine=engine,
+                   **guarded(cfg.rewrite_stage, cfg.out))
     judge = dict(model=models["judge"], sampling=to_dict(cfg.judge_sampling), endpoint=to_dict(cfg.judge_endpoint),
                  refine=cfg.refine, seed=cfg.seed, templates=templates, truncation=cfg.truncation,
-                 keep_multiline=cfg.refine_keep_multiline, reflection=cfg.refine_reflection, engine=engine)
+                 keep_multiline=cfg.refine_keep_multiline, reflection=cfg.refine_reflection, engine=engine,
+                 **guarded(cfg.judge_stage, cfg.out))
     return rewrite, judge
 
 
@@ -160,7 +169,9 @@ def build_dataset(rows: list[dict], cfg: GenerateConfig, models: dict, wrap: Opt
     wrap = wrap or (lambda cls, name: cls)
 
     def stage(ds, cls, name: str, **kwargs):
-        return ds.map_batches(wrap(cls, name), fn_constructor_kwargs=kwargs, **placement.map_kwargs(plan.pools[name]))
+        extra = {"runtime_env": {"env_vars": env}} if (env := faults.env_vars()) else {}  # drills reach every actor
+        return ds.map_batches(wrap(cls, name), fn_constructor_kwargs=kwargs, **placement.map_kwargs(plan.pools[name]),
+                              **extra)
 
     rewrite, judge = llm_stage_kwargs(cfg, models, templates)
     batch = plan.pools["llm" if "llm" in plan.pools else "rewrite"].batch_size
@@ -178,10 +189,11 @@ def build_dataset(rows: list[dict], cfg: GenerateConfig, models: dict, wrap: Opt
     ds = ds.repartition(target_num_rows_per_block=plan.pools["t2v"].batch_size)  # spread prompts over the GPUs
     flags = tuple(dict.fromkeys(tuple(cfg.video.optimizations) + plan.t2v_flags))
     ds = stage(ds, RenderStage, "t2v", model=models["t2v"], video=cfg.video, out_root=cfg.out,
-               optimizations=flags, warmup_steps=cfg.video.warmup_steps)
+               optimizations=flags, warmup_steps=cfg.video.warmup_steps, watchdog_s=cfg.t2v_stage.watchdog_s)
     checklist = checklist or load_checklist(cfg.checklist)
     ds = stage(ds, VideoJudge, "video_judge", model=models["video_judge"], checklist=checklist.as_dicts(),
-               num_frames=cfg.video.judge_frames, video_score=cfg.video_score)
+               num_frames=cfg.video.judge_frames, video_score=cfg.video_score,
+               **guarded(cfg.video_judge_stage, cfg.out))
     return ds, plan
 
 

@@ -69,6 +69,7 @@ def check_config(cfg: GenerateConfig) -> None:
         need(st.batch_size >= 1, f"{name}.batch_size", "must be >= 1")
         need(st.num_cpus >= 0, f"{name}.num_cpus", "must be >= 0")
         need(st.num_gpus >= 0, f"{name}.num_gpus", "must be >= 0")
+        need(st.watchdog_s >= 0, f"{name}.watchdog_s", "must be >= 0 (0 = no watchdog)")
     for key in ("num_frames", "height", "width", "num_inference_steps", "fps", "seeds_per_prompt", "judge_frames"):
         need(getattr(cfg.video, key) >= 1, f"video.{key}", "must be >= 1")
     need(cfg.video.warmup_steps >= 0, "video.warmup_steps", "must be >= 0")

@@ -25,6 +25,7 @@ import numpy as np
 from vpo_ray import prompts
 from vpo_ray.config import EndpointConfig, LLMEngineConfig, SamplingConfig
 from vpo_ray.models import random_weights
+from vpo_ray.pipeline.guard import RowFailure, StageGuard
 from vpo_ray.pipeline.llm_engine import Completion, LLMEngine  # noqa: F401 - the stages' engine, re-exported
 from vpo_ray.schema import Judgement
 
@@ -108,7 +109,7 @@ class Rewriter:
     def __init__(self, model: str, num_samples: int, sampling: dict, seed: int = 0, device: Optional[str] = None,
                  endpoint: Optional[dict] = None, templates: Optional[prompts.Templates] = None,
                  optimizer_input: str = "query", truncation: str = "error", few_shot: bool = False,
-                 engine: Optional[dict] = None):
+                 engine: Optional[dict] = None, watchdog_s: float = 0.0, strikes_dir: Optional[str] = None):
         self.sampling = SamplingConfig(**sampling)
         ep = EndpointConfig(**(endpoint or {}))
         self.backend = EndpointGenerator(ep, self.sampling) if ep.base_url else \
@@ -119,6 +120,7 @@ class Rewriter:
         self.input = optimizer_input
         self.keep_cut = truncation == "keep"
         self.few_shot = few_shot
+        self.guard = StageGuard("rewrite", watchdog_s, strikes_dir)
 
     def candidate(self, j: int, out: Completion | str) -> dict:
         cand = {"sample_idx": j, "prompt": "", "judge": None, "refined": None, "error": ""}
@@ -148,9 +150,13 @@ class Rewriter:
                 msgs.append(prompts.optimizer_messages(given, self.templates, few_shot=self.few_shot))
                 seeds.append(row_seed(self.seed, "rewrite", batch["query_id"][i], j))
                 owners.append((i, j))
+        # A row that fails alone (out of GPU memory, ...) is that candidate's error, not the batch's.
+        done = self.guard.run(lambda idx: self.backend.generate([msgs[k] for k in idx], [seeds[k] for k in idx]),
+                              list(range(len(msgs))), rows=[str(batch["query_id"][i]) for i, _ in owners],
+                              keys=[f"{batch['query_id'][i]}/{j}" for i, j in owners])
         per_row: list[list[dict]] = [[] for _ in range(n)]
-        for (i, j), out in zip(owners, self.backend.generate(msgs, seeds)):
-            per_row[i].append(self.candidate(j, out))
+        for (i, j), out in zip(owners, done):
+            per_row[i].append(self.candidate(j, out.reason if isinstance(out, RowFailure) else out))
         out = dict(batch)
         errors = list(batch["error"])
         stages = list(batch["error_stage"])
@@ -251,8 +257,9 @@ class Critic:
     def __init__(self, model: str, sampling: dict, endpoint: dict, refine: bool = True, seed: int = 0,
                  device: Optional[str] = None, templates: Optional[prompts.Templates] = None,
                  truncation: str = "error", keep_multiline: bool = False, reflection: bool = True,
-                 engine: Optional[dict] = None):
+                 engine: Optional[dict] = None, watchdog_s: float = 0.0, strikes_dir: Optional[str] = None):
         self.sampling = SamplingConfig(**sampling)
+        self.guard = StageGuard("critique", watchdog_s, strikes_dir)
         ep = EndpointConfig(**endpoint)
         policy = dict(templates=templates, truncation=truncation, keep_multiline=keep_multiline)
         if ep.base_url:  # an endpoint always gets the official refine turn (no prefill over a chat API)
@@ -264,11 +271,13 @@ class Critic:
         self.refine_enabled = refine
 
     def _refine(self, batch: dict, rejected: list[tuple[int, dict]]) -> None:
-        refined = self.backend.refine([(batch["query_id"][i], judged_query(batch, i), c["prompt"], c["sample_idx"],
-                                        c["judge"]["reasons"]) for i, c in rejected])
+        items = [(batch["query_id"][i], judged_query(batch, i), c["prompt"], c["sample_idx"], c["judge"]["reasons"])
+                 for i, c in rejected]
+        refined = self.guard.run(self.backend.refine, items, rows=[str(it[0]) for it in items],
+                                 keys=[f"refine/{it[0]}/{it[3]}" for it in items])
         for (_, c), r in zip(rejected, refined):
-            if isinstance(r, str):
-                c["refined"], c["refine_error"] = None, f"refine: {r}"
+            if isinstance(r, (str, RowFailure)):
+                c["refined"], c["refine_error"] = None, f"refine: {r.reason if isinstance(r, RowFailure) else r}"
             else:
                 c["refined"] = r[0]
                 if r[1]:
@@ -278,15 +287,16 @@ class Critic:
         n = len(batch["query_id"])
         cands = [json.loads(c) if c else [] for c in batch["candidates_json"]]
         todo = [(i, c) for i in range(n) if not batch["error"][i] for c in cands[i] if c["prompt"] and not c["error"]]
-        verdicts = self.backend.judge([(batch["query_id"][i], judged_query(batch, i), c["prompt"], c["sample_idx"])
-                                       for i, c in todo])
+        items = [(batch["query_id"][i], judged_query(batch, i), c["prompt"], c["sample_idx"]) for i, c in todo]
+        verdicts = self.guard.run(self.backend.judge, items, rows=[str(it[0]) for it in items],
+                                  keys=[f"judge/{it[0]}/{it[3]}" for it in items])
         for (i, c), v in zip(todo, verdicts):
             if isinstance(v, Judgement):
                 c["judge"] = {"verdict": v.verdict, "confidence": v.confidence, "reasons": v.reasons}
                 if v.truncated:
                     c["judge"]["truncated"] = True
             else:
-                c["error"] = f"critique: {v}"
+                c["error"] = f"critique: {v.reason if isinstance(v, RowFailure) else v}"
         if self.refine_enabled:
             self._refine(batch, [(i, c) for i, c in todo if c["judge"] and not c["judge"]["verdict"]])
         out = dict(batch)

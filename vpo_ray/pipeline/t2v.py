@@ -35,6 +35,7 @@ from typing import Any, Optional
 
 from vpo_ray import storage
 from vpo_ray.config import StageConfig, VideoConfig
+from vpo_ray.pipeline.guard import RowFailed, StageGuard
 
 ARCH_PREFIX = "arch:"
 
@@ -383,7 +384,7 @@ class T2VRenderer:
 
     def __init__(self, model: str, video: Optional[VideoConfig] = None, out_root: str = "runs/t2v",
                  device: Optional[str] = None, dtype: Optional[str] = None, optimizations: tuple[str, ...] = (),
-                 warmup_steps: int = 0, timings: bool = False):
+                 warmup_steps: int = 0, timings: bool = False, watchdog_s: float = 0.0):
         import torch
 
         self.opts = parse_optimizations(optimizations)
@@ -391,6 +392,8 @@ class T2VRenderer:
         self.video = video if isinstance(video, VideoConfig) else VideoConfig(**(video or {}))
         self.out_root = out_root
         self.timings = timings
+        # Denoising and decoding of one video, each: out of memory -> one retry -> the row's error; hung -> actor restart.
+        self.guard = StageGuard("render", watchdog_s, storage.join(out_root, "watchdog") if watchdog_s > 0 else None)
         offload = bool(self.opts.get("offload"))
         # A checkpoint to offload is loaded on the CPU; a random-weight arch: build is made on the device (fast) and moved.
         load_device = "cpu" if offload and not str(model).startswith((ARCH_PREFIX, "random:")) else self.device
@@ -518,18 +521,19 @@ class T2VRenderer:
             if self.keep_latents and kind == "latent":  # before the mp4: an mp4 without latents is redone
                 save_latents(latents_uri(uri), tensor, {"layout": latents_layout(self.pipe), "model": self.model_name,
                                                         "seed": int(row["seed"]), "prompt": str(row.get("prompt", ""))})
-            frames = self.decode(*denoised)
+            frames = self.guard.call_one(lambda: self.decode(*denoised), row=str(row.get("query_id", "")),
+                                         key=uri + "#decode")
             t1 = time.perf_counter()
             video_io.write_mp4(frames, uri, self.video.fps)
             t.update(decode_s=t1 - t0, encode_s=time.perf_counter() - t1, done_at=time.time(), actor=os.getpid())
             return self._row(row, uri, len(frames), timings=t)
+        except RowFailed as e:
+            return self._row(row, error=f"render: {e.failure.reason}", timings=t)
         except Exception as e:  # noqa: BLE001 — a row's failure becomes its error row
             return self._row(row, error=f"render: {type(e).__name__}: {e}", timings=t)
 
     def _start(self, row: dict):
         """Denoise one row; returns its output row, or a Future of it when decoding overlaps."""
-        import torch
-
         try:
             uri = self.target_uri(row)
             existing = self._existing_frames(uri)
@@ -543,11 +547,12 @@ class T2VRenderer:
             height, width = target_size(str(row.get("aspect_ratio") or ""), self.video.height, self.video.width,
                                         self.multiple)
             t = {"height": height, "width": width}
-            denoised = self.denoise(prompt, str(row.get("negative_prompt") or ""), int(row["seed"]), height, width,
-                                    timing=t)
+            denoised = self.guard.call_one(
+                lambda: self.denoise(prompt, str(row.get("negative_prompt") or ""), int(row["seed"]), height, width,
+                                     timing=t), row=str(row.get("query_id", "")), key=uri)
+        except RowFailed as e:
+            return self._row(row, error=f"render: {e.failure.reason}")
         except Exception as e:  # noqa: BLE001
-            if isinstance(e, torch.cuda.OutOfMemoryError):
-                torch.cuda.empty_cache()
             return self._row(row, error=f"render: {type(e).__name__}: {e}")
         if self._finisher is not None:
             return self._finisher.submit(self._finish, row, uri, denoised, t)
@@ -565,7 +570,7 @@ class T2VRenderer:
 def stage(ds, cfg_stage: StageConfig, *, model: str, video: VideoConfig, out_root: str,
           device: Optional[str] = None, dtype: Optional[str] = None, optimizations: tuple[str, ...] = (),
           warmup_steps: int = 0, timings: bool = False):
-    """`ds.map_batches(T2VRenderer, ...)` with the actor pool, GPUs and batch size of `cfg_stage`.
+    """`ds.map_batches(T2VRenderer, ...)` with the actor pool, GPUs, batch size and watchdog of `cfg_stage`.
 
     With "overlap" each actor takes two calls at once: one denoises while the other decodes
     and encodes, so the GPU keeps working between videos (the two share one model copy).
@@ -578,6 +583,7 @@ def stage(ds, cfg_stage: StageConfig, *, model: str, video: VideoConfig, out_roo
     pool = placement.Pool("t2v", cfg_stage.min_actors, cfg_stage.max_actors, cfg_stage.num_gpus, cfg_stage.num_cpus,
                           cfg_stage.batch_size, concurrency=2 if "overlap" in optimizations else 1)
     kwargs = dict(model=model, video=video, out_root=out_root, device=device, dtype=dtype,
-                  optimizations=tuple(optimizations), warmup_steps=warmup_steps, timings=timings)
+                  optimizations=tuple(optimizations), warmup_steps=warmup_steps, timings=timings,
+                  watchdog_s=cfg_stage.watchdog_s)
     return ds.map_batches(T2VRenderer, fn_constructor_kwargs=kwargs, batch_format="numpy",
                           **placement.map_kwargs(pool))

@@ -19,13 +19,14 @@ import numpy as np
 
 from vpo_ray.data.checklist import as_items, score
 from vpo_ray.models import random_weights
+from vpo_ray.pipeline.guard import RowFailure, StageGuard
 
 
 class VideoJudge:
     """Ray Data stage over video rows: fills `checklist_json` and `score`."""
 
     def __init__(self, model: str, checklist: list[dict], num_frames: int = 8, device: Optional[str] = None,
-                 video_score: str = "binary"):
+                 video_score: str = "binary", watchdog_s: float = 0.0, strikes_dir: Optional[str] = None):
         import torch
 
         from vpo_ray.models.registry import load_video_judge, yes_no_token_ids
@@ -44,6 +45,8 @@ class VideoJudge:
         # weights=random: answers come from the output model (the forward passes still run at full size)
         self.random_outputs = random_weights.outputs_of(self.model)
         self.engine = VideoQAEngine(self.model, self.yes_ids, self.no_ids, self.processor.video_token_id)
+        # one batched pass; a failure (out of GPU memory above all) splits it down to the video at fault
+        self.guard = StageGuard("video_judge", watchdog_s, strikes_dir)
 
     def questions(self, frames: np.ndarray, query: str):
         from vpo_ray.pipeline.vlm_engine import build_questions
@@ -85,7 +88,7 @@ class VideoJudge:
 
     def _answer_rows(self, batch: dict, video_errors: list, read_frames) -> dict:
         """{row: answers} for the rows with a readable video; a bad video gets its own error and
-        does not sink the batch (if the batched pass fails, each video is retried alone)."""
+        does not sink the batch (the guard splits a failed batched pass down to the video at fault)."""
         ready = {}
         queries = batch["query"] if "query" in batch else batch["text"]  # as typed, flags included
         for i in range(len(batch["query_id"])):
@@ -97,13 +100,13 @@ class VideoJudge:
                 video_errors[i] = f"video_judge: {type(e).__name__}: {e}"[:500]
         if not ready:
             return {}
-        try:
-            return dict(zip(ready, self.answer_many(list(ready.values()))))
-        except Exception:  # noqa: BLE001 - find the video at fault
-            out = {}
-            for i, videos in ready.items():
-                try:
-                    out[i] = self.answer_many([videos])[0]
-                except Exception as e:  # noqa: BLE001
-                    video_errors[i] = f"video_judge: {type(e).__name__}: {e}"[:500]
-            return out
+        idx = list(ready)
+        done = self.guard.run(self.answer_many, [ready[i] for i in idx], rows=[str(batch["query_id"][i]) for i in idx],
+                              keys=[str(batch["video_uri"][i]) for i in idx])
+        out = {}
+        for i, res in zip(idx, done):
+            if isinstance(res, RowFailure):
+                video_errors[i] = f"video_judge: {res.reason}"[:500]
+            else:
+                out[i] = res
+        return out

@@ -32,7 +32,6 @@ from vpo_ray import storage
 log = logging.getLogger("vpo.train")
 
 HF_CKPT = "checkpoint"  # the HF checkpoint's folder name inside a Ray checkpoint (as RayTrainReportCallback)
-FAULT_MARKER = ".fault_injected"
 REPLACED = "metrics_replaced.jsonl"  # steps a crashed attempt logged, later trained again
 ATTEMPTS = "attempts.jsonl"  # one row per attempt: when it started, what it resumed from, its set-up seconds
 SAVES = "checkpoints.jsonl"  # one row per checkpoint saved: step, write and hand-over seconds, bytes
@@ -96,7 +95,7 @@ def _dir_bytes(path: Path) -> int:
 # ---------------------------------------------------------------------------- callbacks
 
 def callback_classes() -> tuple:
-    """(CheckpointToRay, StepMetrics, CrashOnce, NoSaveAtEnd), defined lazily so importing stays light."""
+    """(CheckpointToRay, StepMetrics, NoSaveAtEnd), defined lazily so importing stays light."""
     return (_checkpoint_class(), *_metric_classes())
 
 
@@ -213,18 +212,6 @@ def _metric_classes() -> tuple:
             if self.rank == 0 and not storage.is_local(self.uri):  # object stores cannot append
                 write_metrics(self.uri, state.log_history)
 
-    class CrashOnce(TrainerCallback):
-        """Chaos drill (cfg.fault_step): the last rank dies once, like a lost node."""
-
-        def __init__(self, step: int, marker: str, rank: int, world: int):
-            self.step, self.marker, self.armed = step, marker, rank == world - 1
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.armed and state.global_step == self.step and not storage.exists(self.marker):
-                storage.write_text(self.marker, f"killed at step {state.global_step}\n")
-                log.warning("fault drill: worker exits at step %d", state.global_step)
-                os._exit(1)
-
     class NoSaveAtEnd(TrainerCallback):
         """save_at_end=false: no checkpoint after the last step, even one that save_steps would make.
 
@@ -236,7 +223,7 @@ def _metric_classes() -> tuple:
             if state.global_step >= state.max_steps:
                 control.should_save = False
 
-    return StepMetrics, CrashOnce, NoSaveAtEnd
+    return StepMetrics, NoSaveAtEnd
 
 
 def last_step_metrics(state) -> dict:

@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Optional
 
-from vpo_ray import storage
+from vpo_ray import faults, storage
 from vpo_ray.config import ConfigError, TrainConfig, load_config, replace, to_dict
 
 log = logging.getLogger("vpo.train")
@@ -57,6 +57,7 @@ def worker_env(cfg: TrainConfig) -> dict:
     for key in ("HF_HUB_OFFLINE", "HF_HOME", "TORCH_EXTENSIONS_DIR"):
         if os.environ.get(key):
             env[key] = os.environ[key]
+    env.update(faults.env_vars())  # VPO_FAULTS drills reach the workers
     job_env = (ray.get_runtime_context().runtime_env or {}).get("env_vars") or {}
     # Only what differs: a worker with the job's own runtime env can come from Ray's idle pool.
     return {k: v for k, v in env.items() if job_env.get(k) != v}
@@ -78,7 +79,8 @@ def build_trainer(cfg: TrainConfig, model_path: str, ref_model_path: Optional[st
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker},
-                                     accelerator_type=cfg.accelerator_type),
+                                     accelerator_type=cfg.accelerator_type,
+                                     placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(
             name=cfg.run_name or cfg.method,
             storage_path=storage_path,

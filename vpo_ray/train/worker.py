@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from vpo_ray import storage
+from vpo_ray import faults, storage
 from vpo_ray.config import ConfigError, TrainConfig
-from vpo_ray.train.callbacks import FAULT_MARKER, HF_CKPT, callback_classes, write_metrics
+from vpo_ray.train.callbacks import HF_CKPT, callback_classes, write_metrics
 
 log = logging.getLogger("vpo.train")
 
@@ -380,7 +380,7 @@ def train_worker(config: dict) -> None:
         deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
     local_root = tempfile.mkdtemp(prefix=f"vpo-train-{cfg.method}-r{rank}-")
     run_dir = shared_run_dir()
-    CheckpointToRay, StepMetrics, CrashOnce, NoSaveAtEnd = callback_classes()
+    CheckpointToRay, StepMetrics, NoSaveAtEnd = callback_classes()
     try:
         with contextlib.ExitStack() as stack:
             resume, restore = _restore(cfg, rank, stack)
@@ -396,8 +396,8 @@ def train_worker(config: dict) -> None:
                        "_train_called": time.perf_counter()}
             for callback in (saver, StepMetrics(cfg.out, rank, attempt)):
                 trainer.add_callback(callback)
-            if cfg.fault_step > 0:
-                trainer.add_callback(CrashOnce(cfg.fault_step, storage.join(cfg.out, FAULT_MARKER), rank, world))
+            if (drill := faults.trainer_callback(rank, world)) is not None:  # VPO_FAULTS train_step drills
+                trainer.add_callback(drill)
             if not cfg.save_at_end:
                 trainer.add_callback(NoSaveAtEnd())
             trainer = prepare_trainer(trainer)

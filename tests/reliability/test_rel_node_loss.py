@@ -1,0 +1,150 @@
+"""Node loss: the worker node of the session's two-node cluster dies during `vpo generate dpo`
+and during `vpo train dpo` (tests/twonode_cluster.py; its raylet is SIGKILLed by node id).
+
+The jobs are submitted with `ray job submit`, so their drivers run on the head, which
+survives. A job must finish on the head alone, by itself or by one rerun of the same
+command (which resumes from the part files / the run's checkpoints), with:
+- generate: every query accounted for and the same DPO set, error rows and duplicates as an
+  undisturbed run (conftest.dpo_reference);
+- train: every step logged once, the run resumed from a checkpoint, and the same losses as
+  an undisturbed run.
+The worker node is started again afterwards, so later tests find two nodes.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from relsupport import DPO_EXTRA, DPO_QUERIES, accounting, content, gen_overrides, wait_for
+from twonode_cluster import head_and_worker, parse_json
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
+
+# One actor per stage at half a CPU: all four pools still fit on the head (4 CPUs) once the
+# worker node is gone; Ray Data spreads them over both nodes while both are alive.
+SMALL_POOLS = [f"{s}.{k}" for s in ("rewrite_stage", "judge_stage", "t2v_stage", "video_judge_stage")
+               for k in ("num_cpus=0.5", "min_actors=1", "max_actors=1")]
+TRAIN_STEPS, SAVE_STEPS = 8, 2
+TRAIN = ["use_gpu=false", "num_workers=2", "placement_strategy=SPREAD", "deepspeed_stage=0", "precision=fp32",
+         "per_device_batch_size=2", "gradient_accumulation_steps=1", "max_length=384", f"max_steps={TRAIN_STEPS}",
+         f"save_steps={SAVE_STEPS}", "max_failures=2", "learning_rate=2e-4", "logging_steps=1"]
+
+
+def job_actors(cluster, sid: str) -> list[dict]:
+    """ALIVE actors of a submitted job: class name and node id (state API)."""
+    job_id = cluster.job(sid)["job_id"]
+    out = cluster.ray("list", "actors", "--address", cluster.dashboard, "--format", "json", "--detail",
+                      "--limit", "10000", "--filter", f"job_id={job_id}", "--filter", "state=ALIVE", timeout=180).stdout
+    return [{"class": a.get("class_name", ""), "node": a.get("node_id", "")} for a in parse_json(out or "[]")]
+
+
+def running(cluster, sid: str) -> bool:
+    return cluster.job(sid).get("status") in ("PENDING", "RUNNING")
+
+
+def lose_worker_then_finish(cluster, cmd: list[str], ready, e, env: dict, timeout: float = 1500) -> dict:
+    """Submit `cmd`, wait for `ready()`, kill the worker node, wait; rerun once if the job failed.
+
+    Fills e.tried and e.metrics; returns {"status", "reruns", "logs"}. The worker node is
+    started again whatever happens.
+    """
+    _, worker = head_and_worker(cluster)
+    sid = cluster.submit_nowait(cmd, **env)
+    t0 = time.monotonic()
+    try:
+        assert wait_for(lambda: ready() or not running(cluster, sid), timeout, 1.0), "job never got going"
+        if not running(cluster, sid):
+            pytest.fail(f"the job ended before the node was killed: {cluster.wait(sid, 60)[2][-3000:]}")
+        lost = [a["class"] for a in job_actors(cluster, sid) if a["node"] == worker]
+        killed = cluster.kill_worker_node(worker)
+        e.tried = 1
+        e.metrics = {"killed_at_s": round(time.monotonic() - t0, 1), "node_dead_after_s": killed["dead_after_s"],
+                     "actors_on_lost_node": ",".join(sorted(lost)) or "none"}
+        _, status, logs = cluster.wait(sid, timeout)
+        e.metrics["first_attempt"] = status
+        reruns = 0
+        if status != "SUCCEEDED":
+            reruns = 1
+            _, status, logs = cluster.wait(cluster.submit_nowait(cmd, **env), timeout)
+        e.metrics.update(reruns=reruns, wall_s=round(time.monotonic() - t0, 1))
+        return {"status": status, "reruns": reruns, "logs": logs, "lost": lost}
+    finally:
+        cluster.restart_worker()
+
+
+def test_worker_node_lost_during_generate(two_nodes, dpo_reference, rel):
+    ref_out, _ = dpo_reference
+    e = rel("fault", "node", "worker node lost (raylet SIGKILL) during `vpo generate dpo` on the 2-node cluster",
+            tried=0)
+    root = two_nodes.root / f"gen-{uuid.uuid4().hex[:6]}"
+    root.mkdir()
+    queries = root / "queries.json"
+    queries.write_text(json.dumps(DPO_QUERIES))
+    out = root / "out"
+    cmd = [sys.executable, "-m", "vpo_ray.cli", "generate",
+           *gen_overrides("dpo", str(queries), str(out), *DPO_EXTRA, *SMALL_POOLS)]
+    # a video written means rendering is under way: rewrite, critique and render all hold rows
+    res = lose_worker_then_finish(two_nodes, cmd, lambda: any((out / "videos").glob("*.mp4")), e,
+                                  env={"VPO_PART_FLUSH_S": "0"})
+    assert res["status"] == "SUCCEEDED", res["logs"][-4000:]
+    assert res["lost"], "no stage actor ran on the worker node: the kill tested nothing"
+    acc = accounting(str(out), "dpo", len(DPO_QUERIES), allow_tmp=True)
+    e.rows_lost = acc["rows_lost"]
+    assert not acc["problems"], acc["problems"]
+    summary = json.loads((out / "summary.json").read_text())
+    e.metrics["resumed_queries"] = summary["resumed_from_earlier_runs"]
+    assert content(str(out), "dpo") == content(ref_out, "dpo")
+
+
+@pytest.fixture(scope="module")
+def dpo_train_data(tmp_path_factory):
+    from test_train_helpers import dpo_rows, write_parquet
+
+    return write_parquet(dpo_rows(48), tmp_path_factory.mktemp("node_loss_train") / "dpo.parquet")
+
+
+def steps(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def train_reference(ray_session, dpo_train_data, tmp_path_factory):
+    """The same training, undisturbed, on the session's Ray."""
+    from vpo_ray.config import TrainConfig, load_config
+    from vpo_ray.train.runner import train
+
+    out = tmp_path_factory.mktemp("train_reference")
+    train(load_config(TrainConfig, None, TRAIN, method="dpo", data=dpo_train_data, out=str(out), preset="tiny"))
+    return out
+
+
+def test_worker_node_lost_during_train(two_nodes, train_reference, dpo_train_data, rel):
+    e = rel("fault", "node", "worker node lost (raylet SIGKILL) during `vpo train dpo` (2 workers, SPREAD)",
+            tried=0)
+    out = two_nodes.root / f"train-{uuid.uuid4().hex[:6]}"
+    cmd = [sys.executable, "-m", "vpo_ray.cli", "train", "dpo", "--data", dpo_train_data, "--out", str(out),
+           "--preset", "tiny", *TRAIN]
+    first_ckpt = out / "ray_results" / "dpo" / f"checkpoint_{SAVE_STEPS:08d}"
+
+    def ready() -> bool:  # a checkpoint is in storage and training has moved past it
+        metrics = out / "metrics.jsonl"
+        return first_ckpt.is_dir() and metrics.exists() and len(metrics.read_text().splitlines()) > SAVE_STEPS
+
+    res = lose_worker_then_finish(two_nodes, cmd, ready, e, env={})
+    assert res["status"] == "SUCCEEDED", res["logs"][-4000:]
+    assert any("TrainWorker" in c or "RayTrainWorker" in c for c in res["lost"]), \
+        f"no training worker ran on the worker node (actors there: {res['lost']})"
+    logged = steps(out)
+    e.rows_lost = TRAIN_STEPS - len({r["step"] for r in logged})
+    state = json.loads((out / "train_state.json").read_text())
+    e.metrics["resumed_from"] = Path(str(state.get("resumed_from"))).name
+    assert [r["step"] for r in logged] == list(range(1, TRAIN_STEPS + 1))  # each step logged once
+    assert state["global_step"] == TRAIN_STEPS and state["resumed_from"], state
+    assert (out / "model" / "model.safetensors").exists()
+    for got, want in zip(logged, steps(train_reference)):  # weights, optimizer, RNG and data position came back
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4), got["step"]
