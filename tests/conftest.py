@@ -87,9 +87,10 @@ def pick_free_port():
 
 
 @pytest.fixture(scope="session")
-def two_nodes():
+def two_nodes(tiny_cache):
     """A two-node Ray cluster (tests/twonode_cluster.py), one for the whole session: a second Ray
-    beside the session's own, never a third."""
+    beside the session's own, never a third. It shares the session's tiny-model cache, so its
+    jobs run the very models that in-process reference runs use."""
     import shutil
     import tempfile
 

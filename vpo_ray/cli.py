@@ -35,7 +35,7 @@ COMMANDS = {
     "loop": ("vpo_ray.train.loop", "chain build-SFT, train-SFT, then N rounds of build-DPO and train-DPO"),
     "serve": ("vpo_ray.serve.app", "serve the optimizer over HTTP (Ray Serve)"),
     "eval": ("vpo_ray.eval.run", "evaluate prompt sources on text and video; write tables and an HTML report"),
-    "bench": ("vpo_ray.bench.cli", "throughput benchmarks: video-sampling, llm-stages, train-step"),
+    "bench": ("vpo_ray.bench.cli", "benchmarks: video-sampling, llm-stages, train-step; the gpu-faults drill"),
     "bundle": ("vpo_ray.bundle", "build an offline wheel bundle for air-gapped GPU nodes"),
     "models": ("vpo_ray.models.cli", "list presets, build the tiny preset, check model ids"),
 }

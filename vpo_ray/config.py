@@ -648,7 +648,7 @@ class BenchPipelineConfig:
 
 @dataclass(frozen=True)
 class BenchConfig:
-    name: str = "video-sampling"  # video-sampling | llm-stages | train-step | pipeline
+    name: str = "video-sampling"  # video-sampling | llm-stages | train-step | pipeline | gpu-faults
     preset: str = "tiny"  # tiny, or a registry model name: its real architecture with random weights (pipeline: a preset)
     out: str = "runs/bench"
     videos: int = 4  # timed videos per variant; steady state = the videos-1 gaps between completions
@@ -676,8 +676,9 @@ class BenchConfig:
     ray: RayConfig = RayConfig()
 
     def __post_init__(self) -> None:
-        if self.name not in ("video-sampling", "llm-stages", "train-step", "pipeline"):
-            raise ConfigError(f"name: expected video-sampling | llm-stages | train-step | pipeline, got {self.name!r}")
+        if self.name not in ("video-sampling", "llm-stages", "train-step", "pipeline", "gpu-faults"):
+            raise ConfigError("name: expected video-sampling | llm-stages | train-step | pipeline | gpu-faults, "
+                              f"got {self.name!r}")
         known = ("baseline", "attention", "optimized", "ray", "scaling", "quantized", "cache", "memory")
         for v in self.variants:
             if v not in known:

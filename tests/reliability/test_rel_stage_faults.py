@@ -18,33 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from relsupport import (DPO_EXTRA, DPO_QUERIES, accounting, content, decoded, gen_cfg, pid_alive, read_jsonl, read_set,
-                        rounded)
+from relsupport import DPO_EXTRA, DPO_QUERIES, accounting, content, gen_cfg, pid_alive, read_jsonl
+from vpo_ray.bench.gpu_faults import outputs_by_query
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 WATCHDOG_S = 20  # far above a tiny-model call on 2 busy cores (~1-3 s), far below the suite's patience
 WATCHDOGS = [f"{s}.watchdog_s={WATCHDOG_S}" for s in ("rewrite_stage", "judge_stage", "t2v_stage", "video_judge_stage")]
-
-
-def by_query(out: str) -> dict:
-    """query_id -> {"rows": sorted set rows, "error": (stage, reason) or None, "videos": sorted video records},
-    rows and videos as JSON with the run's own directory masked out and floats to 5 decimals (as `content`)."""
-    recs: dict = {}
-
-    def rec(qid: str) -> dict:
-        return recs.setdefault(qid, {"rows": [], "error": None, "videos": []})
-
-    for r in read_set(out, "dpo"):
-        rec(r["query_id"])["rows"].append(json.dumps(rounded(decoded(r)), sort_keys=True).replace(out, "<OUT>"))
-    for e in read_jsonl(Path(out) / "errors.jsonl"):
-        rec(e["query_id"])["error"] = (e["stage"], e["reason"])
-    for v in read_jsonl(Path(out) / "videos.jsonl"):
-        rec(v["query_id"])["videos"].append(json.dumps(rounded(v), sort_keys=True).replace(out, "<OUT>"))
-    for r in recs.values():
-        r["rows"].sort()
-        r["videos"].sort()
-    return recs
 
 
 def videos(rec: dict) -> list[dict]:
@@ -53,7 +33,7 @@ def videos(rec: dict) -> list[dict]:
 
 def pick_targets(ref_out: str) -> dict:
     """Query ids to aim at: two with rendered videos (render, video_judge), three others."""
-    ref = by_query(ref_out)
+    ref = outputs_by_query(ref_out)
     ran = sorted(q["query_id"] for q in read_jsonl(Path(ref_out) / "candidates.jsonl"))
     with_videos = [q for q in ran if any(v.get("video_uri") for v in videos(ref.get(q, {"videos": []})))]
     others = [q for q in ran if q not in with_videos[:2]]
@@ -112,7 +92,7 @@ def test_persistent_gpu_faults_become_error_rows_of_their_queries(dpo_reference,
     e.metrics = {"firings": len(fired), "watchdog_exits": sum(f["action"] == "hang" for f in fired),
                  "error_rows": summary["errors"], "wall_s": summary["wall_seconds"]}
     assert not acc["problems"], acc["problems"]
-    got, ref = by_query(out), by_query(ref_out)
+    got, ref = outputs_by_query(out), outputs_by_query(ref_out)
 
     assert got[t["rewrite"]]["error"] == ("rewrite", "out of GPU memory")
     stage, reason = got[t["critique"]]["error"]

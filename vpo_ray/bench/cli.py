@@ -1,10 +1,12 @@
-"""`vpo bench video-sampling|llm-stages|train-step|video-dpo-step|pipeline`: print one JSON record, write it and a PNG under --out.
+"""`vpo bench video-sampling|llm-stages|train-step|video-dpo-step|pipeline|gpu-faults`: print one JSON record, write
+it (and a PNG) under --out.
 
     vpo bench video-sampling --preset cogvideox-2b --out runs/bench --videos 3 baseline=[vae-tiling]
     vpo bench llm-stages --preset tiny --out runs/bench llm.rows=4 llm.phases=[engine,verdict]
     vpo bench train-step --preset tiny --out runs/bench train.steps=2
     vpo bench video-dpo-step --preset cogvideox-2b --out runs/bench workers=[1,4]
     vpo bench pipeline --preset paper --out runs/bench pipeline.limit=20 pipeline.queries=PATH
+    vpo bench gpu-faults --out runs/bench          # CUDA OOM / hung-call drill (vpo_ray/bench/gpu_faults.py)
 
 `--preset tiny` runs everything on CPU in CI time (the harness, not speed); any other
 preset or registry name builds the real architecture with random weights. Further
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-BENCHMARKS = ("video-sampling", "llm-stages", "train-step", "video-dpo-step", "pipeline")
+BENCHMARKS = ("video-sampling", "llm-stages", "train-step", "video-dpo-step", "pipeline", "gpu-faults")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +37,8 @@ def run_bench(cfg) -> dict:
         from vpo_ray.bench import llm_stages as mod
     elif cfg.name == "pipeline":
         from vpo_ray.bench import pipeline as mod
+    elif cfg.name == "gpu-faults":
+        from vpo_ray.bench import gpu_faults as mod
     else:
         from vpo_ray.bench import train_step as mod
     return mod.run(cfg)
