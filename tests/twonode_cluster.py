@@ -90,20 +90,24 @@ class TwoNodes:
             "TOKENIZERS_PARALLELISM": "false", "VPO_PROGRESS": "0",
             "VPO_CACHE": os.environ.get("VPO_CACHE") or str(root / "vpo_cache"),
         })
-        gcs, dash, client, *head_ports = _free_ports(9)
-        self.gcs = f"127.0.0.1:{gcs}"
-        self.dashboard = f"http://127.0.0.1:{dash}"
         self.head_workers = _free_range(120)
         self.common = ["--block", "--node-ip-address", "127.0.0.1", "--num-gpus", "0", "--disable-usage-stats",
                        "--object-store-memory", str(300 * 1024 * 1024)]
-        # 4 logical CPUs a node (on 2 cores): the loop's four actor pools plus Ray Data's tasks fit
-        self.head_cmd = [RAY, "start", "--head", *self.common, "--port", str(gcs), "--num-cpus", "4",
-                         "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-                         "--ray-client-server-port", str(client), "--temp-dir", str(root / "head"),
-                         *self._node_ports(head_ports),
-                         "--min-worker-port", str(self.head_workers), "--max-worker-port", str(self.head_workers + 59)]
-        self.workers_started = 0
+        self.gcs = self.dashboard = ""
+        self.started = 0  # `ray start` commands run so far (names their logs)
         self.lost: set[int] = set()  # pids of `ray start` processes whose node was killed on purpose
+
+    def head_cmd(self) -> list[str]:
+        """The head's `ray start`, on fresh ports (sets self.gcs and self.dashboard)."""
+        gcs, dash, client, *ports = _free_ports(9)
+        self.gcs = f"127.0.0.1:{gcs}"
+        self.dashboard = f"http://127.0.0.1:{dash}"
+        # 4 logical CPUs a node (on 2 cores): the loop's four actor pools plus Ray Data's tasks fit
+        return [RAY, "start", "--head", *self.common, "--port", str(gcs), "--num-cpus", "4",
+                "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                "--ray-client-server-port", str(client), "--temp-dir", str(self.root / "head"),
+                *self._node_ports(ports),
+                "--min-worker-port", str(self.head_workers), "--max-worker-port", str(self.head_workers + 59)]
 
     @staticmethod
     def _node_ports(ports: list[int]) -> list[str]:
@@ -128,26 +132,32 @@ class TwoNodes:
                                            cwd=self.root, start_new_session=True))
 
     def start(self) -> None:
-        self._start(self.head_cmd, "head")
-        self._wait_nodes(1, 180)
+        self._start_node(self.head_cmd, "head", 1)
         self.restart_worker()
 
-    def restart_worker(self, attempts: int = 3) -> None:
-        """Start a worker node (again, after kill_worker_node) and wait until both nodes are alive.
+    def restart_worker(self) -> None:
+        """Start a worker node (again, after kill_worker_node) and wait until both nodes are alive."""
+        self._start_node(self.worker_cmd, "worker", 2)
 
-        A start that fails (a port taken between picking and binding it, a raylet that times out
-        on an overloaded machine) is tried again with fresh ports.
-        """
+    def _start_node(self, make_cmd, name: str, nodes: int, attempts: int = 3) -> None:
+        """Start a node and wait for `nodes` alive nodes. A start that gives up (a port taken between
+        picking and binding it; Ray's fixed 30 s raylet registration wait on an overloaded 2-core
+        machine) is cleaned up (its process group) and tried again on fresh ports."""
         for attempt in range(attempts):
-            self.workers_started += 1
-            self._start(self.worker_cmd(), f"worker-{self.workers_started}")
+            self.started += 1
+            self._start(make_cmd(), f"{name}-{self.started}")
             try:
-                self._wait_nodes(2, 180)
+                self._wait_nodes(nodes, 180)
                 return
             except AssertionError:
-                if attempt == attempts - 1 or self.procs[-1].poll() is None:
+                failed = self.procs[-1]
+                if attempt == attempts - 1 or failed.poll() is None:
                     raise
-                self.lost.add(self.procs[-1].pid)  # that start gave up: try again
+                self.lost.add(failed.pid)
+                try:  # what that `ray start` had started (its session: start_new_session=True)
+                    os.killpg(failed.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     def kill_worker_node(self, node_id: str, timeout: float = 120) -> dict:
         """SIGKILL the raylet of worker node `node_id` (this cluster's), as when a machine is lost.

@@ -29,6 +29,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 # worker node is gone; Ray Data spreads them over both nodes while both are alive.
 SMALL_POOLS = [f"{s}.{k}" for s in ("rewrite_stage", "judge_stage", "t2v_stage", "video_judge_stage")
                for k in ("num_cpus=0.5", "min_actors=1", "max_actors=1")]
+SLOW_GPU = "render:hang,seconds=2; video_judge:hang,seconds=2"
 TRAIN_STEPS, SAVE_STEPS = 8, 2
 TRAIN = ["use_gpu=false", "num_workers=2", "placement_strategy=SPREAD", "deepspeed_stage=0", "precision=fp32",
          "per_device_batch_size=2", "gradient_accumulation_steps=1", "max_length=384", f"max_steps={TRAIN_STEPS}",
@@ -48,23 +49,33 @@ def running(cluster, sid: str) -> bool:
 
 
 def lose_worker_then_finish(cluster, cmd: list[str], ready, e, env: dict, timeout: float = 1500) -> dict:
-    """Submit `cmd`, wait for `ready()`, kill the worker node, wait; rerun once if the job failed.
+    """Submit `cmd`; once ready(classes of the job's actors on the worker node) holds, kill the worker
+    node; wait; rerun once if the job failed.
 
-    Fills e.tried and e.metrics; returns {"status", "reruns", "logs"}. The worker node is
+    Fills e.tried and e.metrics; returns {"status", "reruns", "logs", "lost"}. The worker node is
     started again whatever happens.
     """
     _, worker = head_and_worker(cluster)
     sid = cluster.submit_nowait(cmd, **env)
     t0 = time.monotonic()
+    lost: list[str] = []
+    killed: dict = {}
+
+    def poll() -> bool:
+        nonlocal lost
+        if not running(cluster, sid):
+            return True
+        lost = sorted(a["class"] for a in job_actors(cluster, sid) if a["node"] == worker)
+        return ready(lost)
+
     try:
-        assert wait_for(lambda: ready() or not running(cluster, sid), timeout, 1.0), "job never got going"
+        assert wait_for(poll, timeout, 1.0), "the job never reached the point where the node is killed"
         if not running(cluster, sid):
             pytest.fail(f"the job ended before the node was killed: {cluster.wait(sid, 60)[2][-3000:]}")
-        lost = [a["class"] for a in job_actors(cluster, sid) if a["node"] == worker]
-        killed = cluster.kill_worker_node(worker)
+        killed.update(cluster.kill_worker_node(worker))
         e.tried = 1
         e.metrics = {"killed_at_s": round(time.monotonic() - t0, 1), "node_dead_after_s": killed["dead_after_s"],
-                     "actors_on_lost_node": ",".join(sorted(lost)) or "none"}
+                     "actors_on_lost_node": ",".join(lost)}
         _, status, logs = cluster.wait(sid, timeout)
         e.metrics["first_attempt"] = status
         reruns = 0
@@ -74,7 +85,10 @@ def lose_worker_then_finish(cluster, cmd: list[str], ready, e, env: dict, timeou
         e.metrics.update(reruns=reruns, wall_s=round(time.monotonic() - t0, 1))
         return {"status": status, "reruns": reruns, "logs": logs, "lost": lost}
     finally:
-        cluster.restart_worker()
+        if killed:  # later tests find two nodes again
+            cluster.restart_worker()
+        elif running(cluster, sid):
+            cluster.ray("job", "stop", "--address", cluster.dashboard, sid, check=False)
 
 
 def test_worker_node_lost_during_generate(two_nodes, dpo_reference, rel):
@@ -88,11 +102,12 @@ def test_worker_node_lost_during_generate(two_nodes, dpo_reference, rel):
     out = root / "out"
     cmd = [sys.executable, "-m", "vpo_ray.cli", "generate",
            *gen_overrides("dpo", str(queries), str(out), *DPO_EXTRA, *SMALL_POOLS)]
-    # a video written means rendering is under way: rewrite, critique and render all hold rows
-    res = lose_worker_then_finish(two_nodes, cmd, lambda: any((out / "videos").glob("*.mp4")), e,
-                                  env={"VPO_PART_FLUSH_S": "0"})
+    # Kill once a stage actor (model loaded, rows flowing) lives on the worker node. The tiny run is
+    # over in seconds; every render and video-judge call takes 2 s more here (the fault hook's
+    # bounded `hang`: a slow GPU), which leaves the same outputs and time to act.
+    res = lose_worker_then_finish(two_nodes, cmd, lambda there: any(c.startswith("MapWorker") for c in there), e,
+                                  env={"VPO_PART_FLUSH_S": "0", "VPO_FAULTS": SLOW_GPU})
     assert res["status"] == "SUCCEEDED", res["logs"][-4000:]
-    assert res["lost"], "no stage actor ran on the worker node: the kill tested nothing"
     acc = accounting(str(out), "dpo", len(DPO_QUERIES), allow_tmp=True)
     e.rows_lost = acc["rows_lost"]
     assert not acc["problems"], acc["problems"]
@@ -131,14 +146,13 @@ def test_worker_node_lost_during_train(two_nodes, train_reference, dpo_train_dat
            "--preset", "tiny", *TRAIN]
     first_ckpt = out / "ray_results" / "dpo" / f"checkpoint_{SAVE_STEPS:08d}"
 
-    def ready() -> bool:  # a checkpoint is in storage and training has moved past it
+    def ready(there: list[str]) -> bool:  # a checkpoint is in storage, training moved past it, a rank is there
         metrics = out / "metrics.jsonl"
-        return first_ckpt.is_dir() and metrics.exists() and len(metrics.read_text().splitlines()) > SAVE_STEPS
+        return (first_ckpt.is_dir() and metrics.exists() and len(metrics.read_text().splitlines()) > SAVE_STEPS
+                and any("TrainWorker" in c for c in there))
 
     res = lose_worker_then_finish(two_nodes, cmd, ready, e, env={})
     assert res["status"] == "SUCCEEDED", res["logs"][-4000:]
-    assert any("TrainWorker" in c or "RayTrainWorker" in c for c in res["lost"]), \
-        f"no training worker ran on the worker node (actors there: {res['lost']})"
     logged = steps(out)
     e.rows_lost = TRAIN_STEPS - len({r["step"] for r in logged})
     state = json.loads((out / "train_state.json").read_text())
