@@ -1,6 +1,6 @@
 """A real two-node Ray cluster on this machine (tests/twonode_cluster.py), jobs sent with
-`ray job submit`, as on a cluster: both nodes run work, token auth refuses strangers, and the
-tiny full loop runs across both nodes.
+`ray job submit`, as on a cluster: both nodes run work, token auth refuses strangers, the
+tiny full loop runs across both nodes, and the shipped job chain reads each job's output.
 """
 from __future__ import annotations
 
@@ -8,10 +8,13 @@ import importlib
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
 from twonode_cluster import RAY, REPO, head_and_worker
 
