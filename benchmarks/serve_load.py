@@ -5,6 +5,7 @@ number of optimizer replicas.
     python benchmarks/serve_load.py --out runs/bench/serve --preset tiny
     python benchmarks/serve_load.py --out DIR --replicas 1,2,4 --replica-gpus 1   # one replica per GPU
     python benchmarks/serve_load.py --out DIR --url http://127.0.0.1:8000   # an already running server
+    python benchmarks/serve_load.py --out DIR --batch-sizes 8 --concurrency 16 --overload 1,2,4 --deadline-s 10
 
 Without --url it starts a local Ray instance and deploys the app once per (replica count,
 batch setting), with autoscaling pinned to that replica count so only those differ; the
@@ -13,6 +14,14 @@ its efficiency against linear. Each concurrency level runs
 closed-loop aiohttp clients for --duration-s seconds or --max-requests requests,
 whichever comes first; traffic goes to 127.0.0.1 only. Prints one JSON record and writes
 DIR/serve_load.json and DIR/serve_load.png.
+
+Overload mode (--overload M1,M2,...): after the closed-loop levels of the first setting, its
+highest requests/s is taken as the capacity; then requests arrive open-loop at M x capacity
+for --duration-s each, with a deadline (--deadline-s, X-VPO-Deadline-S), and a refused
+request is sent again after its Retry-After until answered (benchmarks/serve_overload.py).
+Per level: goodput, p50/p99 of accepted attempts, the share of attempts refused and how
+fast the refusals came, and requests lost (never answered). Written as the record's
+`overload` list and DIR/serve_overload.png.
 """
 from __future__ import annotations
 
@@ -108,6 +117,8 @@ def deploy(args, max_batch_size: int, port: int, replicas: int = 1) -> str:
     fields = {"port": port, "max_batch_size": max_batch_size, "max_n": min(args.n, max_batch_size),
               "max_new_tokens": args.max_new_tokens, "batch_wait_timeout_s": args.batch_wait_timeout_s,
               "max_ongoing_requests": max(top, max_batch_size), "max_queued_requests": 4 * top,
+              # admission control answers past this; the closed-loop levels never wait that long
+              "deadline_s": args.deadline_s or min(args.timeout_s, 120.0),
               "num_cpus": args.replica_cpus, "num_gpus": args.replica_gpus,
               "auth_token_env": "",  # loopback benchmark: no auth
               "autoscaling": {"min_replicas": replicas, "max_replicas": replicas}}
@@ -153,11 +164,55 @@ def bench(args, save=lambda record: None) -> dict:
                     print(json.dumps(record["runs"][-1]), file=sys.stderr, flush=True)
                     record["replica_scaling"] = replica_scaling(record["runs"])
                     save(record)
+                if args.overload and "overload" not in record:
+                    record["overload"] = overload(args, url, max(r["rps"] for r in record["runs"]), save, record)
     finally:
         serve.shutdown()
         ray.shutdown()
     record["replica_scaling"] = replica_scaling(record["runs"])
     return record
+
+
+def overload(args, url: str, capacity: float, save, record: dict) -> list[dict]:
+    """Open-loop levels at each multiple of `capacity` (requests/s), refused requests retried."""
+    from serve_overload import open_loop, overload_figures
+
+    levels: list[dict] = []
+    for m in args.overload:
+        reqs, attempts = asyncio.run(open_loop(url, m * capacity, args.duration_s, args.timeout_s, time.monotonic(),
+                                               deadline_s=args.deadline_s, give_up_s=args.give_up_s))
+        levels.append({"multiple": m, "capacity_rps": round(capacity, 3), "deadline_s": args.deadline_s,
+                       **overload_figures(m * capacity, reqs, attempts)})
+        print(json.dumps(levels[-1]), file=sys.stderr, flush=True)
+        save({**record, "overload": levels})
+    return levels
+
+
+def plot_overload(levels: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ms = [lv["multiple"] for lv in levels]
+    fig, (ax_rps, ax_lat, ax_ref) = plt.subplots(1, 3, figsize=(14, 4))
+    ax_rps.plot(ms, [lv["offered_rps"] for lv in levels], marker="o", ls="--", label="offered")
+    ax_rps.plot(ms, [lv["goodput_rps"] for lv in levels], marker="o", label="goodput (answered)")
+    ax_lat.plot(ms, [lv["accepted_p50_ms"] for lv in levels], marker="o", label="accepted p50")
+    ax_lat.plot(ms, [lv["accepted_p99_ms"] for lv in levels], marker="^", label="accepted p99")
+    ax_lat.plot(ms, [lv["refused_p99_ms"] for lv in levels], marker="x", label="refusal p99")
+    ax_ref.bar([str(m) for m in ms], [lv["refused_share"] for lv in levels], label="attempts refused (503)")
+    for x, lv in zip([str(m) for m in ms], levels):
+        ax_ref.annotate(f"lost {lv['lost']}", (x, lv["refused_share"]), ha="center", va="bottom", fontsize=8)
+    for ax, ylabel in ((ax_rps, "requests/s"), (ax_lat, "ms"), (ax_ref, "share")):
+        ax.set_xlabel("offered load (x capacity)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"vpo serve past capacity ({levels[0]['capacity_rps']} req/s), deadline "
+                 f"{levels[0]['deadline_s']} s, refused requests retried after Retry-After", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def replica_scaling(runs: list[dict]) -> list[dict]:
@@ -225,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replica-cpus", type=float, default=1.0)
     p.add_argument("--replica-gpus", type=float, default=0.0, help="per replica (1 = one replica per GPU)")
     p.add_argument("--replicas", type=ints, default=[1], help="optimizer replica counts, comma list (default 1)")
+    p.add_argument("--overload", type=lambda s: [float(x) for x in s.split(",") if x], default=[],
+                   help="offered-load multiples of the measured capacity, e.g. 1,2,4 (default: off)")
+    p.add_argument("--deadline-s", type=float, default=None, help="request deadline (X-VPO-Deadline-S) in overload")
+    p.add_argument("--give-up-s", type=float, default=300.0, help="overload: a request is lost after this long")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -235,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     def save(rec: dict) -> None:
         (out / "serve_load.json").write_text(json.dumps(rec, indent=2) + "\n")
         plot(rec, out / "serve_load.png")
+        if rec.get("overload"):
+            plot_overload(rec["overload"], out / "serve_overload.png")
 
     record = bench(args, save)
     save(record)

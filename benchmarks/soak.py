@@ -34,19 +34,9 @@ import threading
 import time
 from pathlib import Path
 
-QUERIES = ("a cat playing piano", "a dog surfing a wave at sunset -ar 16:9", "an astronaut riding a horse on the moon",
-           "city street at night in the rain -neg blurry", "a panda eating bamboo in a misty forest",
-           "a red sailboat on a calm lake at dawn", "a chef cooking noodles, close-up", "a fox running through snow")
+from serve_overload import QUERIES, open_loop, percentile  # benchmarks/ (the script's own folder)
+
 TARGET_GROWTH = 0.10
-
-
-def percentile(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    s = sorted(xs)
-    k = (len(s) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return round(s[lo] + (s[hi] - s[lo]) * (k - lo), 2)
 
 
 # ---------------------------------------------------------------------------- RSS sampling
@@ -130,35 +120,6 @@ async def closed_loop(url: str, concurrency: int, seconds: float, timeout_s: flo
     return done / (time.perf_counter() - t0)
 
 
-async def open_loop(url: str, rate: float, seconds: float, timeout_s: float, t0: float) -> list[dict]:
-    """Requests sent at a fixed rate for `seconds`; one record per request (sent at, status, latency)."""
-    import aiohttp
-
-    records: list[dict] = []
-
-    async def one(session, i: int) -> None:
-        sent = time.monotonic()
-        try:
-            async with session.post(url + "/v1/optimize", json={"query": QUERIES[i % len(QUERIES)], "seed": i}) as r:
-                await r.read()
-                status = r.status
-        except (aiohttp.ClientError, asyncio.TimeoutError):
-            status = -1
-        records.append({"t_s": round(sent - t0, 2), "status": status,
-                        "latency_ms": round((time.monotonic() - sent) * 1000, 1)})
-
-    tasks, start = [], time.monotonic()
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s),
-                                     connector=aiohttp.TCPConnector(limit=0)) as session:
-        i = 0
-        while time.monotonic() - start < seconds:
-            tasks.append(asyncio.create_task(one(session, i)))
-            i += 1
-            await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
-        await asyncio.gather(*tasks)
-    return records
-
-
 def per_minute(records: list[dict], t_start: float) -> list[dict]:
     rows = []
     for minute in range(int(max((r["t_s"] for r in records), default=t_start) - t_start) // 60 + 1):
@@ -188,7 +149,7 @@ def serve_phase(args, sampler: RssSampler, port: int) -> dict:
         print(f"[soak] serve capacity {capacity:.2f} req/s; steady load {rate:.2f} req/s for "
               f"{args.serve_minutes} min", file=sys.stderr, flush=True)
         t_start = sampler.now()
-        records = asyncio.run(open_loop(url, rate, args.serve_minutes * 60, args.timeout_s, sampler.t0))
+        records, _ = asyncio.run(open_loop(url, rate, args.serve_minutes * 60, args.timeout_s, sampler.t0))
         t_end = sampler.now()
     finally:
         serve.shutdown()

@@ -406,6 +406,10 @@ class ServeConfig:
     max_queued_requests: int = 64  # waiting for a replica beyond that; more gets 503 + Retry-After
     retry_after_s: float = 1.0  # Retry-After sent with 503 when over capacity
     request_timeout_s: float = 120.0  # end-to-end limit for one request; past it 504
+    # Admission control (serve/admission.py): a request expected to finish after its deadline gets
+    # 503 + Retry-After at once instead of waiting in the queue past it.
+    admission: bool = True
+    deadline_s: float = 30.0  # a request's deadline unless it sends X-VPO-Deadline-S (<= request_timeout_s)
     ingress_replicas: int = 1  # FastAPI front (auth, validation, metrics); it holds no model
     ingress_num_cpus: float = 0.1
     ingress_max_ongoing_requests: int = 512
@@ -440,6 +444,8 @@ class ServeConfig:
                               "the n prompts of one request are generated in one batch")
         if self.max_ongoing_requests < 1 or self.max_queued_requests < -1:
             raise ConfigError("max_ongoing_requests must be >= 1 and max_queued_requests >= -1 (-1 = unbounded)")
+        if not 0 < self.deadline_s <= self.request_timeout_s:
+            raise ConfigError(f"deadline_s ({self.deadline_s}) must lie in (0, request_timeout_s={self.request_timeout_s}]")
         if not 0.0 <= self.temperature <= self.max_temperature:
             raise ConfigError(f"temperature ({self.temperature}) must lie in [0, max_temperature={self.max_temperature}]")
         if not 0.0 < self.top_p <= 1.0:

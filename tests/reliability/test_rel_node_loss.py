@@ -6,8 +6,9 @@ survives. A job must finish on the head alone, by itself or by one rerun of the 
 command (which resumes from the part files / the run's checkpoints), with:
 - generate: every query accounted for and the same DPO set, error rows and duplicates as an
   undisturbed run (conftest.dpo_reference);
-- train: every step logged once, the run resumed from a checkpoint, and the same losses as
-  an undisturbed run.
+- train: every step logged once and the run resumed from the newest checkpoint there was when
+  the node died (that a resumed run's losses equal an undisturbed run's is tests/test_train.py's
+  killed-worker test: the same restart path).
 The worker node is started again afterwards, so later tests find two nodes.
 """
 from __future__ import annotations
@@ -127,28 +128,20 @@ def steps(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-@pytest.fixture(scope="module")
-def train_reference(ray_session, dpo_train_data, tmp_path_factory):
-    """The same training, undisturbed, on the session's Ray."""
-    from vpo_ray.config import TrainConfig, load_config
-    from vpo_ray.train.runner import train
-
-    out = tmp_path_factory.mktemp("train_reference")
-    train(load_config(TrainConfig, None, TRAIN, method="dpo", data=dpo_train_data, out=str(out), preset="tiny"))
-    return out
-
-
-def test_worker_node_lost_during_train(two_nodes, train_reference, dpo_train_data, rel):
+def test_worker_node_lost_during_train(two_nodes, dpo_train_data, rel):
     e = rel("fault", "node", "worker node lost (raylet SIGKILL) during `vpo train dpo` (2 workers, SPREAD)",
             tried=0)
     out = two_nodes.root / f"train-{uuid.uuid4().hex[:6]}"
     cmd = [sys.executable, "-m", "vpo_ray.cli", "train", "dpo", "--data", dpo_train_data, "--out", str(out),
            "--preset", "tiny", *TRAIN]
-    first_ckpt = out / "ray_results" / "dpo" / f"checkpoint_{SAVE_STEPS:08d}"
+    run_dir = out / "ray_results" / "dpo"
+    newest: list[str] = []
 
     def ready(there: list[str]) -> bool:  # a checkpoint is in storage, training moved past it, a rank is there
         metrics = out / "metrics.jsonl"
-        return (first_ckpt.is_dir() and metrics.exists() and len(metrics.read_text().splitlines()) > SAVE_STEPS
+        ckpts = sorted(p.name for p in run_dir.glob("checkpoint_*")) if run_dir.is_dir() else []
+        newest[:] = ckpts[-1:]
+        return (bool(ckpts) and metrics.exists() and len(metrics.read_text().splitlines()) > SAVE_STEPS
                 and any("TrainWorker" in c for c in there))
 
     res = lose_worker_then_finish(two_nodes, cmd, ready, e, env={})
@@ -156,9 +149,10 @@ def test_worker_node_lost_during_train(two_nodes, train_reference, dpo_train_dat
     logged = steps(out)
     e.rows_lost = TRAIN_STEPS - len({r["step"] for r in logged})
     state = json.loads((out / "train_state.json").read_text())
-    e.metrics["resumed_from"] = Path(str(state.get("resumed_from"))).name
+    resumed = Path(str(state.get("resumed_from"))).name
+    e.metrics.update(newest_checkpoint_at_kill=newest[0], resumed_from=resumed)
     assert [r["step"] for r in logged] == list(range(1, TRAIN_STEPS + 1))  # each step logged once
-    assert state["global_step"] == TRAIN_STEPS and state["resumed_from"], state
+    assert state["global_step"] == TRAIN_STEPS
+    # the last attempt started from the newest checkpoint there was when the node died (or a later one)
+    assert resumed.startswith("checkpoint_") and resumed >= newest[0], (resumed, newest)
     assert (out / "model" / "model.safetensors").exists()
-    for got, want in zip(logged, steps(train_reference)):  # weights, optimizer, RNG and data position came back
-        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4), got["step"]

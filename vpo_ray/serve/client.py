@@ -4,9 +4,11 @@
     client = OptimizerClient("http://127.0.0.1:8000")          # token: arg or $VPO_SERVE_TOKEN
     client.optimize("a cat playing piano -ar 16:9", n=2)["prompts"]
 
-503 (over capacity), the other 408/429/5xx answers and connection failures are retried
-under vpo_ray.http_retry's policy (the server's Retry-After, capped, else jittered
-exponential backoff); other 4xx answers raise `OptimizerClientError` at once with the
+503 (over capacity, or not answerable within the request's deadline), the other 408/429/5xx
+answers and connection failures are retried under vpo_ray.http_retry's policy (the server's
+Retry-After, capped, else jittered exponential backoff); `deadline_s` sends each request's
+deadline (X-VPO-Deadline-S), so an overloaded server refuses it at once instead of queueing it
+past that time; other 4xx answers raise `OptimizerClientError` at once with the
 field and code the server named. Every call has a timeout. For /v1/chat/completions
 any OpenAI client works too (`openai.OpenAI(base_url=URL + "/v1", api_key=TOKEN)`).
 """
@@ -35,8 +37,10 @@ class OptimizerClientError(RuntimeError):
 class OptimizerClient:
     def __init__(self, base_url: str, token: Optional[str] = None, timeout_s: float = 60.0,
                  max_retries: int = 4, backoff_s: float = 0.5, max_retry_after_s: float = 30.0,
-                 token_env: str = "VPO_SERVE_TOKEN", session: Optional[requests.Session] = None):
+                 token_env: str = "VPO_SERVE_TOKEN", session: Optional[requests.Session] = None,
+                 deadline_s: Optional[float] = None):
         self.base_url = base_url.rstrip("/")
+        self.deadline_s = deadline_s  # None: the server's default deadline
         self.token = token if token is not None else os.environ.get(token_env)
         self.timeout_s = timeout_s
         self.max_retries = max_retries
@@ -74,6 +78,8 @@ class OptimizerClient:
 
     def _request(self, method: str, path: str, body: Optional[dict] = None) -> dict:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        if self.deadline_s is not None:
+            headers["X-VPO-Deadline-S"] = f"{self.deadline_s:g}"
 
         def attempt() -> dict:
             try:

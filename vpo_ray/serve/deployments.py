@@ -19,8 +19,9 @@ The request path through the ingress, in order (each step answers its own errors
   2. `_auth`: bearer token (401) - before the body is read;
   3. `_body`: at most `max_body_bytes` (413), JSON object (400/422);
   4. `validation.parse_*`: pydantic models, the config's limits (422; 400 unsupported);
-  5. admission: nothing yet beyond the handle's back-pressure (a per-ingress admission
-     step belongs here, after validation and before any model time is spent);
+  5. admission (`admission.py`): a request whose expected completion (requests in flight x
+     recent time per completion) is past its deadline (X-VPO-Deadline-S, else `deadline_s`)
+     gets 503 + Retry-After at once, before any model time is spent;
   6. `_optimize` -> `_call(OptimizerModel.optimize)`: 503 back-pressure or a dead
      replica, 504 past `request_timeout_s`;
   7. shaping: our JSON (/v1/optimize) or OpenAI's (`openai_compat`, SSE when streaming).
@@ -65,11 +66,13 @@ from vpo_ray.config import ServeConfig, load_config
 from vpo_ray.prompts import optimizer_input, parse_video_prompt
 from vpo_ray.serve import openai_compat
 from vpo_ray.serve import validation as v
+from vpo_ray.serve.admission import AdmissionControl
 from vpo_ray.serve.engine import GenRequest, OptimizerEngine, served_name
 from vpo_ray.serve.query import clean_output, split_query
 
 log = logging.getLogger("vpo_ray.serve")
 
+DEADLINE_HEADER = "X-VPO-Deadline-S"  # a request's own deadline, seconds
 ROUTES = ("/healthz", "/v1/optimize", "/v1/chat/completions", "/v1/models", "/v1/render")
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 LATENCY_BOUNDS_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000]
@@ -254,6 +257,7 @@ class OptimizerAPI:
         self._token = token_sha256 or (token_digest(env_token) if env_token else None)
         self.name = served_name(self.cfg)
         self._info: Optional[dict] = None
+        self.admission = AdmissionControl() if self.cfg.admission else None
         _init_metrics()
 
     # -- plumbing
@@ -311,7 +315,38 @@ class OptimizerAPI:
             log.exception("optimizer call failed")
             raise v.ApiError(500, None, "generation failed (see the server log)", kind="server_error") from None
 
-    async def _optimize(self, req: v.OptimizeRequest, field: str) -> tuple[dict, dict]:
+    def _deadline(self, request: Request) -> float:
+        """The request's deadline in seconds: its X-VPO-Deadline-S header, else the config's."""
+        raw = request.headers.get(DEADLINE_HEADER)
+        if raw is None:
+            return self.cfg.deadline_s
+        try:
+            value = float(raw)
+        except ValueError:
+            value = float("nan")
+        if not 0 < value <= self.cfg.request_timeout_s:  # NaN fails too
+            raise v.invalid(DEADLINE_HEADER, f"expected seconds in (0, {self.cfg.request_timeout_s:g}]")
+        return value
+
+    async def _admitted_call(self, gen: GenRequest, deadline_s: float) -> dict:
+        """The model call, if the request can be answered within its deadline; else 503 at once."""
+        if self.admission is None:
+            return await self._call(self.model.optimize.remote(dataclasses.asdict(gen)))
+        decision = self.admission.decide(deadline_s)
+        if not decision.admit:
+            raise v.ApiError(503, None, f"the optimizer cannot answer within the {deadline_s:g} s deadline now "
+                             f"(about {decision.expected_s:.1f} s expected); retry after {decision.retry_after_s} s",
+                             kind="overloaded", code="deadline_exceeded",
+                             headers={"Retry-After": str(decision.retry_after_s)})
+        completed = False
+        try:
+            out = await self._call(self.model.optimize.remote(dataclasses.asdict(gen)))
+            completed = True
+            return out
+        finally:
+            self.admission.finished(completed)
+
+    async def _optimize(self, req: v.OptimizeRequest, field: str, deadline_s: float) -> tuple[dict, dict]:
         text, flags = split_query(req.query)
         if not text:
             raise v.invalid(field, f"'{field}' holds only flags; there is nothing to optimize")
@@ -319,7 +354,7 @@ class OptimizerAPI:
         gen = GenRequest(text=given, n=req.n,
                          temperature=req.temperature, top_p=req.top_p, seed=req.seed,
                          max_new_tokens=req.max_new_tokens, stop=req.stop)
-        out = await self._call(self.model.optimize.remote(dataclasses.asdict(gen)))
+        out = await self._admitted_call(gen, deadline_s)
         prompts, fallbacks = [], 0
         for raw in out["texts"]:
             parsed = parse_video_prompt(clean_output(raw))
@@ -362,7 +397,7 @@ class OptimizerAPI:
         self._auth(request)
         doc = await self._body(request)
         req = v.parse_optimize(doc, self.cfg)
-        result, out = await self._optimize(req, "query")
+        result, out = await self._optimize(req, "query", self._deadline(request))
         body = {"prompts": result["prompts"], "query": doc["query"], "text": result["text"],
                 "flags": result["flags"], "latency_ms": round((time.perf_counter() - t0) * 1000, 2),
                 "model": out["model"], "model_version": out["model_version"], "fallbacks": result["fallbacks"],
@@ -377,7 +412,7 @@ class OptimizerAPI:
         self._auth(request)
         doc = await self._body(request)
         req, opts = v.parse_chat(doc, self.cfg, self.name)
-        result, out = await self._optimize(req, "messages")
+        result, out = await self._optimize(req, "messages", self._deadline(request))
         body = openai_compat.chat_completion(result, out, opts.model, round((time.perf_counter() - t0) * 1000, 2))
         if opts.stream:
             return StreamingResponse(openai_compat.chat_chunks(body, opts.include_usage),
@@ -408,7 +443,7 @@ class OptimizerAPI:
         if len(self._render_tasks) >= self.cfg.render_max_jobs:
             raise v.ApiError(503, None, f"{len(self._render_tasks)} render jobs in progress; retry later",
                              kind="overloaded", headers={"Retry-After": str(max(1, math.ceil(self.cfg.retry_after_s)))})
-        result, out = await self._optimize(req, "query")
+        result, out = await self._optimize(req, "query", self._deadline(request))
         job = {"id": uuid.uuid4().hex, "status": "queued", "query": doc["query"], "text": result["text"],
                "flags": result["flags"], "prompt": result["prompts"][0], "fallbacks": result["fallbacks"],
                "video_seed": video_seed if video_seed is not None else secrets.randbits(31),
