@@ -117,8 +117,7 @@ def deploy(args, max_batch_size: int, port: int, replicas: int = 1) -> str:
     fields = {"port": port, "max_batch_size": max_batch_size, "max_n": min(args.n, max_batch_size),
               "max_new_tokens": args.max_new_tokens, "batch_wait_timeout_s": args.batch_wait_timeout_s,
               "max_ongoing_requests": max(top, max_batch_size), "max_queued_requests": 4 * top,
-              # admission control answers past this; the closed-loop levels never wait that long
-              "deadline_s": args.deadline_s or min(args.timeout_s, 120.0),
+              "deadline_s": args.deadline_s,  # admission control (None: the request timeout)
               "num_cpus": args.replica_cpus, "num_gpus": args.replica_gpus,
               "auth_token_env": "",  # loopback benchmark: no auth
               "autoscaling": {"min_replicas": replicas, "max_replicas": replicas}}

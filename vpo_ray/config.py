@@ -409,7 +409,7 @@ class ServeConfig:
     # Admission control (serve/admission.py): a request expected to finish after its deadline gets
     # 503 + Retry-After at once instead of waiting in the queue past it.
     admission: bool = True
-    deadline_s: float = 30.0  # a request's deadline unless it sends X-VPO-Deadline-S (<= request_timeout_s)
+    deadline_s: Optional[float] = None  # a request's deadline unless it sends X-VPO-Deadline-S; None = request_timeout_s
     ingress_replicas: int = 1  # FastAPI front (auth, validation, metrics); it holds no model
     ingress_num_cpus: float = 0.1
     ingress_max_ongoing_requests: int = 512
@@ -444,7 +444,7 @@ class ServeConfig:
                               "the n prompts of one request are generated in one batch")
         if self.max_ongoing_requests < 1 or self.max_queued_requests < -1:
             raise ConfigError("max_ongoing_requests must be >= 1 and max_queued_requests >= -1 (-1 = unbounded)")
-        if not 0 < self.deadline_s <= self.request_timeout_s:
+        if self.deadline_s is not None and not 0 < self.deadline_s <= self.request_timeout_s:
             raise ConfigError(f"deadline_s ({self.deadline_s}) must lie in (0, request_timeout_s={self.request_timeout_s}]")
         if not 0.0 <= self.temperature <= self.max_temperature:
             raise ConfigError(f"temperature ({self.temperature}) must lie in [0, max_temperature={self.max_temperature}]")

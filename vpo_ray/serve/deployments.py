@@ -319,7 +319,7 @@ class OptimizerAPI:
         """The request's deadline in seconds: its X-VPO-Deadline-S header, else the config's."""
         raw = request.headers.get(DEADLINE_HEADER)
         if raw is None:
-            return self.cfg.deadline_s
+            return self.cfg.deadline_s or self.cfg.request_timeout_s
         try:
             value = float(raw)
         except ValueError:
