@@ -39,7 +39,9 @@ TRAIN = ["use_gpu=false", "num_workers=2", "placement_strategy=SPREAD", "deepspe
 
 def job_actors(cluster, sid: str) -> list[dict]:
     """ALIVE actors of a submitted job: class name and node id (state API)."""
-    job_id = cluster.job(sid)["job_id"]
+    job_id = cluster.job(sid).get("job_id")
+    if not job_id:  # the driver has not started yet
+        return []
     out = cluster.ray("list", "actors", "--address", cluster.dashboard, "--format", "json", "--detail",
                       "--limit", "10000", "--filter", f"job_id={job_id}", "--filter", "state=ALIVE", timeout=180).stdout
     return [{"class": a.get("class_name", ""), "node": a.get("node_id", "")} for a in parse_json(out or "[]")]

@@ -135,6 +135,8 @@ def _checkpoint_class():
                 if self.rank == 0 and src.is_dir():
                     dest = Path(self.run_dir) / name
                     dest.mkdir(parents=True, exist_ok=True)
+                    if (dest / HF_CKPT).exists():  # an attempt that died (a lost node) before Ray registered it
+                        shutil.rmtree(dest / HF_CKPT)  # had it been registered, this attempt would resume past it
                     os.replace(src, dest / HF_CKPT)
                     size = _dir_bytes(dest)
                     checkpoint = ray.train.Checkpoint.from_directory(str(dest))
