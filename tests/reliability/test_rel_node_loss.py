@@ -14,6 +14,7 @@ The worker node is started again afterwards, so later tests find two nodes.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 import uuid
@@ -30,7 +31,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 # worker node is gone; Ray Data spreads them over both nodes while both are alive.
 SMALL_POOLS = [f"{s}.{k}" for s in ("rewrite_stage", "judge_stage", "t2v_stage", "video_judge_stage")
                for k in ("num_cpus=0.5", "min_actors=1", "max_actors=1")]
-SLOW_GPU = "render:hang,seconds=2; video_judge:hang,seconds=2"
+SLOW_GPU = "render:hang,seconds=2; video_judge:hang,seconds=2"  # the fault hook's bounded hang: slow calls
+SLOW_STEPS = "train_step:hang,seconds=4"
 TRAIN_STEPS, SAVE_STEPS = 8, 2
 TRAIN = ["use_gpu=false", "num_workers=2", "placement_strategy=SPREAD", "deepspeed_stage=0", "precision=fp32",
          "per_device_batch_size=2", "gradient_accumulation_steps=1", "max_length=384", f"max_steps={TRAIN_STEPS}",
@@ -51,9 +53,10 @@ def running(cluster, sid: str) -> bool:
     return cluster.job(sid).get("status") in ("PENDING", "RUNNING")
 
 
-def lose_worker_then_finish(cluster, cmd: list[str], ready, e, env: dict, timeout: float = 1500) -> dict:
-    """Submit `cmd`; once ready(classes of the job's actors on the worker node) holds, kill the worker
-    node; wait; rerun once if the job failed.
+def lose_worker_then_finish(cluster, cmd: list[str], ready, e, env: dict, timeout: float = 1500,
+                            before=lambda: True) -> dict:
+    """Submit `cmd`; once before() (cheap: files) and then ready(classes of the job's actors on the
+    worker node) hold, kill the worker node; wait; rerun once if the job failed.
 
     Fills e.tried and e.metrics; returns {"status", "reruns", "logs", "lost"}. The worker node is
     started again whatever happens.
@@ -68,6 +71,8 @@ def lose_worker_then_finish(cluster, cmd: list[str], ready, e, env: dict, timeou
         nonlocal lost
         if not running(cluster, sid):
             return True
+        if not before():
+            return False
         lost = sorted(a["class"] for a in job_actors(cluster, sid) if a["node"] == worker)
         return ready(lost)
 
@@ -137,24 +142,26 @@ def test_worker_node_lost_during_train(two_nodes, dpo_train_data, rel):
     cmd = [sys.executable, "-m", "vpo_ray.cli", "train", "dpo", "--data", dpo_train_data, "--out", str(out),
            "--preset", "tiny", *TRAIN]
     run_dir = out / "ray_results" / "dpo"
-    newest: list[str] = []
+    at_kill: dict = {}
 
-    def ready(there: list[str]) -> bool:  # a checkpoint is in storage, training moved past it, a rank is there
+    def before() -> bool:  # a checkpoint is in storage and training has moved past it
         metrics = out / "metrics.jsonl"
-        ckpts = sorted(p.name for p in run_dir.glob("checkpoint_*")) if run_dir.is_dir() else []
-        newest[:] = ckpts[-1:]
-        return (bool(ckpts) and metrics.exists() and len(metrics.read_text().splitlines()) > SAVE_STEPS
-                and any("TrainWorker" in c for c in there))
+        ckpts = sorted(p.name for p in run_dir.glob("checkpoint_*") if re.fullmatch(r"checkpoint_\d{8}", p.name))
+        logged = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+        at_kill.update(newest=ckpts[-1] if ckpts else "", step=logged)
+        return bool(ckpts) and SAVE_STEPS < logged < TRAIN_STEPS - 1
 
-    res = lose_worker_then_finish(two_nodes, cmd, ready, e, env={})
+    res = lose_worker_then_finish(two_nodes, cmd, lambda there: any("TrainWorker" in c for c in there), e,
+                                  env={"VPO_FAULTS": SLOW_STEPS}, before=before)
     assert res["status"] == "SUCCEEDED", res["logs"][-4000:]
     logged = steps(out)
     e.rows_lost = TRAIN_STEPS - len({r["step"] for r in logged})
     state = json.loads((out / "train_state.json").read_text())
     resumed = Path(str(state.get("resumed_from"))).name
-    e.metrics.update(newest_checkpoint_at_kill=newest[0], resumed_from=resumed)
+    e.metrics.update(steps_logged_at_kill=at_kill["step"], newest_checkpoint_at_kill=at_kill["newest"],
+                     resumed_from=resumed)
     assert [r["step"] for r in logged] == list(range(1, TRAIN_STEPS + 1))  # each step logged once
     assert state["global_step"] == TRAIN_STEPS
     # the last attempt started from the newest checkpoint there was when the node died (or a later one)
-    assert resumed.startswith("checkpoint_") and resumed >= newest[0], (resumed, newest)
+    assert resumed.startswith("checkpoint_") and resumed >= at_kill["newest"], (resumed, at_kill)
     assert (out / "model" / "model.safetensors").exists()
