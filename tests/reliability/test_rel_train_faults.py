@@ -130,3 +130,31 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(killed_run, sft_da
     assert newest.name in line and previous.name in line, f"no log line names the skipped checkpoint: {line!r}"
     logged = steps(out)
     assert logged[-1] == MAX_STEPS + SAVE_STEPS and len(set(logged)) == len(logged)
+
+
+def test_a_checkpoint_folder_left_by_a_dead_attempt_does_not_block_saving_that_step(tmp_path, monkeypatch):
+    """A worker killed after rank 0 moved checkpoint-2 into checkpoint_00000002/ but before Ray
+    registered it: the next attempt (resumed from an older checkpoint) saves step 2 again into
+    the same folder, and its save replaces the stale one instead of failing with ENOTEMPTY."""
+    import ray.train
+    from transformers import TrainerState, TrainingArguments
+
+    from vpo_ray.train.callbacks import HF_CKPT, callback_classes
+
+    reported: list = []
+    monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None, **kw: reported.append(checkpoint))
+    run_dir, hf_out = tmp_path / "ray_results" / "sft", tmp_path / "ray_results" / "sft" / "_hf_output"
+    stale = run_dir / "checkpoint_00000002" / HF_CKPT
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_text("from the attempt that died")
+    (hf_out / "checkpoint-2").mkdir(parents=True)
+    (hf_out / "checkpoint-2" / "model.safetensors").write_text("this attempt's step 2")
+
+    checkpoint_to_ray = callback_classes()[0](str(tmp_path), time.time(), run_dir=str(run_dir), rank=0)
+    state = TrainerState(global_step=2, epoch=0.5, log_history=[{"loss": 1.0, "step": 2}])
+    args = TrainingArguments(output_dir=str(hf_out), report_to=[])
+    checkpoint_to_ray.on_save(args, state, None)
+
+    assert (stale / "model.safetensors").read_text() == "this attempt's step 2"
+    assert not (hf_out / "checkpoint-2").exists()
+    assert [Path(c.path).name for c in reported] == ["checkpoint_00000002"]
