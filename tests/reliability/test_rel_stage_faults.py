@@ -42,7 +42,8 @@ def pick_targets(ref_out: str) -> dict:
             "hang": others[2]}
 
 
-def run_with_faults(monkeypatch, tmp_path, dpo_queries, spec: str):
+def run_with_faults(monkeypatch, tmp_path, dpo_queries, spec: str, e):
+    """One DPO run with VPO_FAULTS=spec; fills e.tried and e.rows_lost; (out, summary, firings, accounting)."""
     from vpo_ray import faults
     from vpo_ray.pipeline.generate import run_generate
 
@@ -51,7 +52,10 @@ def run_with_faults(monkeypatch, tmp_path, dpo_queries, spec: str):
     monkeypatch.setenv("VPO_FAULTS_DIR", str(fired_dir))
     out = str(tmp_path / "run")
     summary = run_generate(gen_cfg("dpo", dpo_queries, out, *DPO_EXTRA, *WATCHDOGS))
-    return out, summary, faults.fired(str(fired_dir))
+    fired = faults.fired(str(fired_dir))
+    acc = accounting(out, "dpo", len(DPO_QUERIES), allow_tmp=True)
+    e.tried, e.rows_lost = len(fired), acc["rows_lost"]
+    return out, summary, fired, acc
 
 
 def test_transient_gpu_faults_in_every_stage_change_no_output(dpo_reference, dpo_queries, tmp_path, monkeypatch,
@@ -60,10 +64,7 @@ def test_transient_gpu_faults_in_every_stage_change_no_output(dpo_reference, dpo
     spec = "rewrite:oom,times=1; critique:hang,times=1; render:exit,times=1; video_judge:hang,times=1"
     e = rel("fault", "generation", "once in each stage: rewrite OOM, hung judge call, render worker exits, "
                                    "hung video-judge call (VPO_FAULTS)", tried=0)
-    out, summary, fired = run_with_faults(monkeypatch, tmp_path, dpo_queries, spec)
-    e.tried = len(fired)
-    acc = accounting(out, "dpo", len(DPO_QUERIES), allow_tmp=True)
-    e.rows_lost = acc["rows_lost"]
+    out, summary, fired, acc = run_with_faults(monkeypatch, tmp_path, dpo_queries, spec, e)
     e.metrics = {"fired": ",".join(f"{f['point']}:{f['action']}" for f in fired), "wall_s": summary["wall_seconds"],
                  "undisturbed_s": ref_summary["wall_seconds"]}
     assert sorted((f["point"], f["action"]) for f in fired) == [
@@ -85,10 +86,7 @@ def test_persistent_gpu_faults_become_error_rows_of_their_queries(dpo_reference,
             f"video_judge:oom,row={t['video_judge']}; critique:hang,row={t['hang']}")
     e = rel("fault", "generation", "one query per stage always fails there (OOM rewrite/render/video judge, "
                                    "exception in critique) and one query's judge call always hangs", tried=0)
-    out, summary, fired = run_with_faults(monkeypatch, tmp_path, dpo_queries, spec)
-    e.tried = len(fired)
-    acc = accounting(out, "dpo", len(DPO_QUERIES), allow_tmp=True)
-    e.rows_lost = acc["rows_lost"]
+    out, summary, fired, acc = run_with_faults(monkeypatch, tmp_path, dpo_queries, spec, e)
     e.metrics = {"firings": len(fired), "watchdog_exits": sum(f["action"] == "hang" for f in fired),
                  "error_rows": summary["errors"], "wall_s": summary["wall_seconds"]}
     assert not acc["problems"], acc["problems"]
