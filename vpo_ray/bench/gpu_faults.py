@@ -82,8 +82,9 @@ def _config(queries: str, out: str, cuda: bool):
 
     stages = [f"{s}.{k}" for s in ("rewrite_stage", "judge_stage", "t2v_stage", "video_judge_stage")
               for k in (f"num_gpus={0.2 if cuda else 0}", "min_actors=1", "max_actors=1", f"watchdog_s={WATCHDOG_S}")]
+    # placement.mode=manual: the pools as set here (one actor each at 0.2 GPU), not sized to the node's GPUs
     return load_config_with_defaults(GenerateConfig, None, ["num_samples=1", "video.seeds_per_prompt=2",
-                                                            "pair_margin=0.0", *stages],
+                                                            "pair_margin=0.0", "placement.mode=manual", *stages],
                                      preset_job_defaults("tiny"), kind="dpo", queries=queries, out=out, preset="tiny")
 
 
