@@ -13,7 +13,8 @@ Grammar of VPO_FAULTS:
 
 points (where `fire` is called):
     rewrite, critique     the LLM stages' model calls; rows = the query ids in the call
-    render, video_judge   one video of the T2V / video-judge stage; rows = [its query id]
+    render                one video's denoising or decoding; rows = [its query id]
+    video_judge           one batched checklist pass (split down to one video on failure); rows = its query ids
     train_step            after each optimizer step of a Ray Train worker; step, rank, world
 actions:
     raise   RuntimeError("injected fault ...")
