@@ -92,7 +92,8 @@ def _targets(ref: dict) -> dict:
     with_videos = sorted(q for q, r in ref.items() if any(json.loads(v).get("video_uri") for v in r["videos"]))
     others = sorted(q for q, r in ref.items() if q not in with_videos[:2] and r["error"] is None)
     if len(with_videos) < 2 or not others:
-        raise RuntimeError(f"the undisturbed run is too thin to aim at: {len(with_videos)} queries with videos")
+        raise RuntimeError(f"the undisturbed run is too thin to aim at: {len(with_videos)} queries with videos "
+                           f"(2 needed), {len(others)} other queries without an error (1 needed), of {len(ref)}")
     return {"render": with_videos[0], "video_judge": with_videos[1], "hang": others[0]}
 
 
