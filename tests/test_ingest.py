@@ -12,7 +12,9 @@ from vpo_ray.data.ingest import IngestError, Invalid, ingest, parse_query, read_
 from vpo_ray.data.minhash import near_duplicates
 
 DATA = Path(__file__).parent / "data"
-REAL_QUERIES = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "vpo_sft_queries.json"
+# The shared 21k-query file sits beside the checkout (../shared), or two up from a worktree.
+REAL_QUERIES = next((p / "shared" / "data" / "vpo_sft_queries.json" for p in Path(__file__).resolve().parents
+                     if (p / "shared" / "data" / "vpo_sft_queries.json").exists()), Path("/nonexistent"))
 
 
 def err_rows(res):
