@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from vpo_ray import bundle as vb
+from vpo_ray.bundle import build as vbuild, files as vfiles, pip_steps as vsteps, spec as vspec, tags as vtags
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,30 +34,30 @@ REPO = Path(__file__).resolve().parent.parent
 # ---------------------------------------------------------------------------- fast
 
 def test_platform_tags_add_every_older_compatible_manylinux_tag():
-    tags = vb.platform_tags("manylinux_2_17_x86_64")
+    tags = vtags.platform_tags("manylinux_2_17_x86_64")
     assert tags[0] == "manylinux_2_17_x86_64"
     assert {"manylinux2014_x86_64", "manylinux_2_12_x86_64", "manylinux2010_x86_64",
             "manylinux_2_5_x86_64", "manylinux1_x86_64"} <= set(tags)
     assert "manylinux_2_28_x86_64" not in tags  # needs a newer glibc than the target has
-    assert "manylinux_2_17_x86_64" in vb.platform_tags("manylinux_2_28_x86_64")
-    assert vb.platform_tags("manylinux2014_aarch64")[:2] == ["manylinux_2_17_aarch64", "manylinux2014_aarch64"]
-    assert "manylinux1_aarch64" not in vb.platform_tags("manylinux_2_28_aarch64")
+    assert "manylinux_2_17_x86_64" in vtags.platform_tags("manylinux_2_28_x86_64")
+    assert vtags.platform_tags("manylinux2014_aarch64")[:2] == ["manylinux_2_17_aarch64", "manylinux2014_aarch64"]
+    assert "manylinux1_aarch64" not in vtags.platform_tags("manylinux_2_28_aarch64")
 
 
 def test_wheel_fits_reads_python_abi_and_platform_tags():
-    spec = vb.BundleSpec(python="3.12", platform="manylinux_2_17_x86_64")
-    assert vb.wheel_fits("deepspeed-0.19.8-py3-none-any.whl", spec)
-    assert vb.wheel_fits("decord-0.6.0-py3-none-manylinux2010_x86_64.whl", spec)
-    assert vb.wheel_fits("cryptography-50-cp311-abi3-manylinux2014_x86_64.whl", spec)
-    assert not vb.wheel_fits("x-1-cp311-cp311-manylinux_2_17_x86_64.whl", spec)  # built for this machine's 3.11
-    assert not vb.wheel_fits("x-1-cp312-cp312-manylinux_2_28_x86_64.whl", spec)
+    spec = vspec.BundleSpec(python="3.12", platform="manylinux_2_17_x86_64")
+    assert vtags.wheel_fits("deepspeed-0.19.8-py3-none-any.whl", spec)
+    assert vtags.wheel_fits("decord-0.6.0-py3-none-manylinux2010_x86_64.whl", spec)
+    assert vtags.wheel_fits("cryptography-50-cp311-abi3-manylinux2014_x86_64.whl", spec)
+    assert not vtags.wheel_fits("x-1-cp311-cp311-manylinux_2_17_x86_64.whl", spec)  # built for this machine's 3.11
+    assert not vtags.wheel_fits("x-1-cp312-cp312-manylinux_2_28_x86_64.whl", spec)
 
 
 def test_stub_wheel_satisfies_the_same_specifiers_as_the_release(tmp_path):
     from packaging.requirements import Requirement
     from packaging.version import Version
 
-    path = vb.write_stub_wheel("torch", "2.13.0", tmp_path)
+    path = vsteps.write_stub_wheel("torch", "2.13.0", tmp_path)
     version = Version(path.name.split("-")[1])
     for spec in ("torch>=2.4,<=2.14.1", "torch==2.13.0", "torch>=2.13"):
         assert Requirement(spec).specifier.contains(version, prereleases=True), spec
@@ -68,9 +68,9 @@ def test_stub_wheel_satisfies_the_same_specifiers_as_the_release(tmp_path):
 
 
 def test_skip_torch_needs_an_exact_torch_spec():
-    with pytest.raises(vb.BundleError, match="torch-spec"):
-        vb.stub_pins(vb.BundleSpec(skip=("torch",), torch_spec="torch>=2.4"))
-    assert vb.stub_pins(vb.BundleSpec(skip=("torch", "triton==3.7.1", "nvidia-*"))) == {
+    with pytest.raises(vspec.BundleError, match="torch-spec"):
+        vsteps.stub_pins(vspec.BundleSpec(skip=("torch",), torch_spec="torch>=2.4"))
+    assert vsteps.stub_pins(vspec.BundleSpec(skip=("torch", "triton==3.7.1", "nvidia-*"))) == {
         "torch": "2.13.0", "triton": "3.7.1"}
 
 
@@ -89,17 +89,17 @@ def test_select_drops_skipped_packages_and_what_only_they_need():
     ]
     items[-1]["metadata"]["requires_dist"] = []
     items[5]["metadata"]["requires_dist"].append("nvidia-ml-py")
-    kept, left = vb.select(items, vb.BundleSpec(skip=("torch",)))
-    assert {vb.canonical(i["metadata"]["name"]) for i in kept} == {
+    kept, left = vsteps.select(items, vspec.BundleSpec(skip=("torch",)))
+    assert {vtags.canonical(i["metadata"]["name"]) for i in kept} == {
         "vpo-ray", "trl", "datasets", "pyyaml", "nvidia-ml-py"}
-    assert {vb.canonical(i["metadata"]["name"]) for i in left} == {"torch", "nvidia-cudnn-cu13", "triton", "sympy"}
-    kept, _ = vb.select(items, vb.BundleSpec(skip=("torch", "nvidia-*")))
+    assert {vtags.canonical(i["metadata"]["name"]) for i in left} == {"torch", "nvidia-cudnn-cu13", "triton", "sympy"}
+    kept, _ = vsteps.select(items, vspec.BundleSpec(skip=("torch", "nvidia-*")))
     assert "nvidia-ml-py" not in {i["metadata"]["name"] for i in kept}
 
 
 def _write_unpack(dest: Path) -> Path:
     path = dest / "unpack.py"
-    path.write_text(vb.UNPACK_PY)
+    path.write_text(vfiles.template("unpack.py"))
     return path
 
 
@@ -114,14 +114,14 @@ def test_big_wheels_are_xz_split_and_restored_byte_for_byte(tmp_path):
     small.write_bytes(b"small")
     entries = []
     for f in (wheel, small):
-        entry = {"wheel": f"wheels/{f.name}", "size": f.stat().st_size, "sha256": vb.sha256_of(f)}
-        stored = vb.shrink(f, 1 << 20, preset=0) if entry["size"] > (1 << 20) else [f]
+        entry = {"wheel": f"wheels/{f.name}", "size": f.stat().st_size, "sha256": vfiles.sha256_of(f)}
+        stored = vfiles.shrink(f, 1 << 20, preset=0) if entry["size"] > (1 << 20) else [f]
         entry["stored_as"] = [f"wheels/{p.name}" for p in stored]
         entries.append(entry)
     assert len(entries[0]["stored_as"]) >= 3 and all(".xz.part" in p for p in entries[0]["stored_as"])
     assert all((bundle / p).stat().st_size <= 1 << 20 for p in entries[0]["stored_as"])
     _write_unpack(bundle)
-    files = [{"path": p.relative_to(bundle).as_posix(), "size": p.stat().st_size, "sha256": vb.sha256_of(p)}
+    files = [{"path": p.relative_to(bundle).as_posix(), "size": p.stat().st_size, "sha256": vfiles.sha256_of(p)}
              for p in sorted(bundle.rglob("*")) if p.is_file()]
     (bundle / "manifest.json").write_text(json.dumps({"wheels": entries, "files": files}))
     out = tmp_path / "restored"
@@ -145,8 +145,8 @@ def test_cli_parses_flags_over_the_config_file(tmp_path):
     cfg = tmp_path / "bundle.yaml"
     cfg.write_text("python: '3.12'\nplatform: manylinux_2_28_x86_64\nskip: [torch]\nmax_wheel_mb: 100\n")
     p = argparse.ArgumentParser()
-    vb.add_arguments(p)
-    spec = vb.spec_from_args(p.parse_args(["--config", str(cfg), "--out", "x", "--max-wheel-mb", "50",
+    vbuild.add_arguments(p)
+    spec = vbuild.spec_from_args(p.parse_args(["--config", str(cfg), "--out", "x", "--max-wheel-mb", "50",
                                            "--extra", "rich", "--extra", "tqdm"]))
     assert (spec.python, spec.platform, spec.skip, spec.max_wheel_mb, spec.extra, spec.out) == (
         "3.12", "manylinux_2_28_x86_64", ("torch",), 50.0, ("rich", "tqdm"), "x")
@@ -206,7 +206,7 @@ def built_bundle(tmp_path_factory):
 def test_bundle_holds_every_runtime_wheel_and_no_cuda_stack(built_bundle):
     out, _, summary = built_bundle
     manifest = json.loads((out / "manifest.json").read_text())
-    names = {vb.canonical(Path(w["wheel"]).name.split("-")[0]) for w in manifest["wheels"]}
+    names = {vtags.canonical(Path(w["wheel"]).name.split("-")[0]) for w in manifest["wheels"]}
     for need in ("vpo-ray", "ray", "deepspeed", "transformers", "trl", "diffusers", "peft", "accelerate",
                  "datasets", "decord", "opencv-python-headless", "imageio-ffmpeg", "pyarrow", "fsspec"):
         assert need in names, f"{need} missing from the bundle"
@@ -215,7 +215,7 @@ def test_bundle_holds_every_runtime_wheel_and_no_cuda_stack(built_bundle):
     assert manifest["python"] == "3.12" and "manylinux_2_17_x86_64" in manifest["platform_tags"]
     for f in manifest["files"]:
         p = out / f["path"]
-        assert p.stat().st_size == f["size"] and vb.sha256_of(p) == f["sha256"], f["path"]
+        assert p.stat().st_size == f["size"] and vfiles.sha256_of(p) == f["sha256"], f["path"]
     split = [w for w in manifest["wheels"] if len(w["stored_as"]) > 1]
     assert split and all(p.endswith(f".xz.part{i:03d}") for w in split for i, p in enumerate(w["stored_as"]))
     assert all((out / p).stat().st_size <= 60 << 20 for w in manifest["wheels"] for p in w["stored_as"])
@@ -260,7 +260,7 @@ def test_pip_resolves_the_whole_set_offline_with_torch_supplied(built_bundle, tm
     subprocess.run([py312, str(out / "unpack.py"), str(out), str(restored), "--no-verify"], check=True)
     stubs = tmp_path / "torch"
     stubs.mkdir()
-    vb.write_stub_wheel("torch", "2.13.0", stubs)  # stands in for the image's torch
+    vsteps.write_stub_wheel("torch", "2.13.0", stubs)  # stands in for the image's torch
     report = tmp_path / "report.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
     env["PIP_CONFIG_FILE"] = os.devnull
@@ -270,15 +270,15 @@ def test_pip_resolves_the_whole_set_offline_with_torch_supplied(built_bundle, tm
                            "--find-links", str(stubs), "-r", str(out / "requirements.txt")],
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    resolved = {vb.canonical(i["metadata"]["name"]) + "==" + i["metadata"]["version"]
+    resolved = {vtags.canonical(i["metadata"]["name"]) + "==" + i["metadata"]["version"]
                 for i in json.loads(report.read_text())["install"]}
-    pins = {vb.canonical(p.split("==")[0]) + "==" + p.split("==")[1]
+    pins = {vtags.canonical(p.split("==")[0]) + "==" + p.split("==")[1]
             for p in (out / "requirements.txt").read_text().split()}
     assert resolved == pins | {"torch==2.13.0+vpostub"}
 
 
 def test_old_glibc_tags_fall_back_to_manylinux_2_28():
-    from vpo_ray.bundle import _newer_platform
+    from vpo_ray.bundle.tags import newer_platform as _newer_platform
 
     assert _newer_platform("manylinux_2_17_x86_64") == "manylinux_2_28_x86_64"
     assert _newer_platform("manylinux2014_aarch64") == "manylinux_2_28_aarch64"
