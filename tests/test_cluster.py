@@ -85,8 +85,9 @@ def rayjob_args(name: str) -> list[str]:
 def loop_configs(overrides: tuple[str, ...] = ()) -> list:
     """The four stage configs `vpo loop` builds from jobs/full_loop.yaml and its RayJob's flags,
     the way vpo_ray.train.loop.run_loop builds them."""
-    loop = pytest.importorskip("vpo_ray.train.loop", reason="vpo loop is not in this build")
     import argparse
+
+    from vpo_ray.train import loop
 
     p = argparse.ArgumentParser()
     loop.add_arguments(p)
@@ -227,14 +228,11 @@ def test_a_rayjob_for_every_job_module_and_back():
 @pytest.mark.parametrize("name", JOB_NAMES)
 def test_job_yaml_loads_into_its_config_class(name):
     configs = configs_of(name)
-    try:
-        from vpo_ray.models.registry import PRESETS
-    except ImportError:
-        PRESETS = None
+    from vpo_ray.models.registry import PRESETS
+
     for cfg in configs:
         assert cfg.preset == "paper", f"jobs/{name}.yaml: the cluster default is the paper preset"
-        if PRESETS is not None:
-            assert cfg.preset in PRESETS and "tiny" in PRESETS
+        assert cfg.preset in PRESETS and "tiny" in PRESETS
     if name == "full_loop":
         tiny = loop_configs(("--preset", "tiny"))
     else:
@@ -269,8 +267,6 @@ def test_the_real_cli_parses_what_each_job_hands_it(name):
     argv = build_argv(module.SUBCOMMAND, module.__file__, ["--config", f"jobs/{name}.yaml", *rayjob_args(name)[2:]],
                       getattr(module, "POSITIONAL", None))
     args = cli.build_parser().parse_args(argv)
-    if getattr(args, "_missing", None):
-        pytest.skip(f"vpo {argv[0]} is not in this build ({args._missing})")
     assert Path(args.config).name == f"{name}.yaml"
 
 
@@ -478,10 +474,7 @@ def test_serve_deployment_names_exist_in_the_app():
     """A `deployments:` entry naming no deployment of the app fails `serve deploy`."""
     _, serve_cfg = _serve_app()
     named = [d["name"] for d in serve_cfg["applications"][0].get("deployments", [])]
-    try:
-        deployments = importlib.import_module("vpo_ray.serve.deployments")
-    except ImportError as e:
-        pytest.skip(f"vpo_ray.serve.deployments does not import here: {e}")
+    deployments = importlib.import_module("vpo_ray.serve.deployments")
     from ray.serve import Deployment
 
     existing = {obj.name for obj in vars(deployments).values() if isinstance(obj, Deployment)}

@@ -1,4 +1,6 @@
 """Typed configs: YAML + key=value overrides; every mistake names its key."""
+import dataclasses
+
 import pytest
 
 from vpo_ray.config import (ConfigError, GenerateConfig, ServeConfig, TrainConfig, load_config, parse_override,
@@ -17,7 +19,7 @@ def test_yaml_then_overrides(tmp_path):
     cfg = load_config(GenerateConfig, f, ["video.fps=12", "sampling.top_p=0.8", "queries=q.json"])
     assert cfg.num_samples == 3 and cfg.video.num_frames == 9 and cfg.video.fps == 12
     assert cfg.sampling.temperature == 0.5 and cfg.sampling.top_p == 0.8 and cfg.queries == "q.json"
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.num_samples = 4  # frozen
 
 

@@ -9,24 +9,34 @@ import argparse
 import importlib
 import sys
 
-# Errors that mean "the user gave something wrong" (a path, a file, a model id, a config
-# value): the CLI prints their one-line message and exits 2, never a traceback. Looked up
-# in sys.modules only, so `vpo --help` imports nothing heavy: an exception cannot be an
-# instance of a class whose module was never imported.
-USER_ERRORS = (("vpo_ray.data.ingest", "IngestError"), ("vpo_ray.storage", "StorageError"),
-               ("vpo_ray.models.registry", "ModelLoadError"), ("vpo_ray.train.data", "DataError"))
+# The one place exceptions become exit codes. 2: the user gave something wrong (a path, a
+# file, a model id, a config value, training data); 1: the job itself failed. The CLI
+# prints a one-line message, never a traceback. First match wins (DataError is a
+# ConfigError). Classes are looked up in sys.modules only, so `vpo --help` imports nothing
+# heavy: an exception cannot be an instance of a class whose module was never imported.
+ERROR_EXITS = (  # (module, class, exit code, what the message starts with)
+    ("vpo_ray.train.data", "DataError", 2, "bad training data: "),
+    ("vpo_ray.config_loader", "ConfigError", 2, "config error: "),
+    ("vpo_ray.data.readers", "IngestError", 2, ""),
+    ("vpo_ray.storage", "StorageError", 2, ""),
+    ("vpo_ray.models.hub", "ModelLoadError", 2, ""),
+    ("vpo_ray.train.runner", "TrainError", 1, ""),
+    ("vpo_ray.bundle.spec", "BundleError", 1, ""),
+)
 
 
-def _user_error(e: BaseException) -> bool:
-    for module, name in USER_ERRORS:
+def exit_code_for(e: BaseException) -> tuple[int, str] | None:
+    """(exit code, message prefix) for an exception the CLI reports in one line, else None."""
+    for module, name, code, prefix in ERROR_EXITS:
         cls = getattr(sys.modules.get(module), name, None)
         if isinstance(cls, type) and isinstance(e, cls):
-            return True
-    return False
+            return code, prefix
+    return None
 
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
+
 
 COMMANDS = {
     "demo": ("vpo_ray.demo", "run the whole VPO loop on the tiny preset with a local Ray instance"),
@@ -46,13 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("vpo_ray"):
-                p.set_defaults(_missing=module)
-                continue
-            raise
+        mod = importlib.import_module(module)  # a command that does not import is a bug: it fails here
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser
@@ -73,22 +77,20 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    if getattr(args, "_missing", None):
-        print(f"vpo {args.command}: not available in this build ({args._missing} missing)", file=sys.stderr)
-        return 2
-    from vpo_ray.config import ConfigError
     from vpo_ray.storage import apply_umask
+
     try:
         apply_umask()  # artifacts readable by the group and others unless VPO_UMASK says otherwise
         return int(args._run(args) or 0)
-    except ConfigError as e:
-        print(f"vpo {args.command}: config error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except Exception as e:  # noqa: BLE001 - only the user-facing classes are caught here
-        if not _user_error(e):
+    except Exception as e:  # noqa: BLE001 - only the classes in ERROR_EXITS are caught here
+        known = exit_code_for(e)
+        if known is None:
             raise
-        print(f"vpo {args.command}: {_one_line(e)}", file=sys.stderr)
-        return 2
+        code, prefix = known
+        # a user error reads best as one line; a failed job's message may carry a tool's output
+        message = _one_line(e) if code == 2 else (str(e).strip() or type(e).__name__)
+        print(f"vpo {args.command}: {prefix}{message}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print(f"vpo {args.command}: interrupted", file=sys.stderr)
         return 130

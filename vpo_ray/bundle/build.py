@@ -96,11 +96,7 @@ def spec_from_args(args: argparse.Namespace) -> BundleSpec:
 
 def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
-    try:
-        manifest = build_bundle(spec)
-    except BundleError as e:
-        print(f"vpo bundle: {e}", file=sys.stderr)
-        return 1
+    manifest = build_bundle(spec)
     mb = manifest["total_bytes"] / (1 << 20)
     print(json.dumps({"out": str(Path(spec.out).resolve()), "wheels": len(manifest["wheels"]),
                       "total_mb": round(mb, 1), "left_out": manifest["left_out"],

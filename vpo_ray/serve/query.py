@@ -8,17 +8,12 @@ from __future__ import annotations
 
 import re
 
+from vpo_ray.data.clean import parse_query
 from vpo_ray.schema import Flags
 
 
 def split_query(raw: str) -> tuple[str, Flags]:
-    """(cleaned text, Flags) — vpo_ray.data.ingest.parse_query, or plain text without it."""
-    try:
-        from vpo_ray.data.ingest import parse_query
-    except ModuleNotFoundError as e:  # a build without the data package: no flag parsing
-        if not (e.name or "").startswith("vpo_ray.data"):
-            raise
-        return " ".join(raw.split()), Flags()
+    """(cleaned text, Flags), exactly as ingest cleans a training query."""
     return parse_query(raw)
 
 

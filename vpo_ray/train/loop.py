@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -205,22 +204,12 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from vpo_ray.train.data import DataError
-    from vpo_ray.train.runner import TrainError
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        if args.queries and (args.sft_queries or args.dpo_queries):
-            raise ConfigError("give --queries or --sft-queries/--dpo-queries, not both")
-        summary = run_loop(args.rounds, args.sft_queries or args.queries, args.out, args.preset, args.overrides,
-                           args.config, tune=args.tune, dpo_queries=args.dpo_queries or args.queries,
-                           weights=args.weights)
-    except DataError as e:
-        print(f"vpo loop: bad training data: {e}", file=sys.stderr)
-        return 2
-    except TrainError as e:
-        print(f"vpo loop: {e}", file=sys.stderr)
-        return 1
+    if args.queries and (args.sft_queries or args.dpo_queries):
+        raise ConfigError("give --queries or --sft-queries/--dpo-queries, not both")
+    summary = run_loop(args.rounds, args.sft_queries or args.queries, args.out, args.preset, args.overrides,
+                       args.config, tune=args.tune, dpo_queries=args.dpo_queries or args.queries,
+                       weights=args.weights)
     print(json.dumps({"optimizer": summary["optimizer"], "t2v": summary["t2v"], "rounds": summary["rounds"],
                       "wall_seconds": summary["wall_seconds"]}, indent=2))
     return 0

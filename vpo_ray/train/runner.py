@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from typing import Optional
@@ -203,8 +202,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from vpo_ray.train.data import DataError
-
     if args.method == "video-dpo":  # the video model's training: its own config and workers
         from vpo_ray.train import video_dpo
 
@@ -212,13 +209,6 @@ def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = load_config(TrainConfig, args.config, args.overrides, method=args.method, data=args.data,
                       out=args.out, preset=args.preset, model=args.model)
-    try:
-        summary = train(cfg)
-    except DataError as e:
-        print(f"vpo train: bad training data: {e}", file=sys.stderr)
-        return 2
-    except TrainError as e:
-        print(f"vpo train: {e}", file=sys.stderr)
-        return 1
+    summary = train(cfg)
     print(json.dumps(summary, indent=2, default=str))
     return 0

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 
@@ -192,16 +191,7 @@ def load(args) -> VideoDPOConfig:
 
 def run(args) -> int:
     """`vpo train video-dpo`, dispatched from vpo_ray.train.runner."""
-    from vpo_ray.train.runner import TrainError
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        summary = train_video_dpo(load(args))
-    except DataError as e:
-        print(f"vpo train video-dpo: bad training data: {e}", file=sys.stderr)
-        return 2
-    except TrainError as e:
-        print(f"vpo train video-dpo: {e}", file=sys.stderr)
-        return 1
+    summary = train_video_dpo(load(args))  # DataError/TrainError: cli.main prints them and picks the exit code
     print(json.dumps(summary, indent=2, default=str))
     return 0
