@@ -19,6 +19,13 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def pytest_configure(config):
+    from suite_plan import SuitePlan  # tests/ is on sys.path: this file's folder
+
+    if not config.pluginmanager.has_plugin("vpo-suite-plan"):
+        config.pluginmanager.register(SuitePlan(config), "vpo-suite-plan")
+
+
 @pytest.fixture(scope="session")
 def ray_session(tiny_cache):
     """A local Ray instance shared by every test that needs one."""
