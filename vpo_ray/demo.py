@@ -14,8 +14,10 @@ import logging
 import os
 import time
 from importlib import resources
+from typing import Any, Callable, Optional
 
 from vpo_ray import storage
+from vpo_ray.console import StageLine, output_to_file, table
 
 log = logging.getLogger("vpo.demo")
 
@@ -70,22 +72,67 @@ def serve_and_ask(model: str, port: int, query: str) -> dict:
             "seconds": round(time.perf_counter() - t, 2), "request": query, "reply": reply}
 
 
+def _reported(fn: Callable[[Any], dict], progress: Optional[StageLine], describe: Callable[[Any], str],
+              outcome: Callable[[dict], str]) -> Callable[[Any], dict]:
+    """`fn` with one progress line around each call (what it does; what came out)."""
+    if progress is None:
+        return fn
+
+    def call(cfg):
+        progress.begin(describe(cfg))
+        result = fn(cfg)
+        progress.end(outcome(result))
+        return result
+    return call
+
+
+def _building(cfg) -> str:
+    return ("build the DPO set with the SFT optimizer (videos rendered and judged)" if cfg.kind == "dpo"
+            else "build the SFT set (rewrite, critique, refine)")
+
+
+def _built(gen: dict) -> str:
+    return f"{gen.get('output_rows')} rows, {gen.get('errors')} errors, {gen.get('duplicates')} duplicates"
+
+
+def _trained(tr: dict) -> str:
+    m = tr.get("metrics") or {}
+    return f"{tr.get('global_step')} steps, loss {m.get('loss_first', float('nan')):.3f} -> {m.get('loss_last', float('nan')):.3f}"
+
+
 def run_demo(out: str, queries: str | None = None, port: int = 8011, extra: list[str] | None = None,
-             dpo_queries: str | None = None, weights: str | None = None) -> dict:
+             dpo_queries: str | None = None, weights: str | None = None,
+             progress: Optional[StageLine] = None) -> dict:
+    from vpo_ray.pipeline.generate import run_generate
     from vpo_ray.train.loop import run_loop
+    from vpo_ray.train.runner import train
 
     t0 = time.perf_counter()
     if queries and not dpo_queries:
         dpo_queries = queries  # one file given: it feeds both sets
     queries, dpo_queries = queries or demo_queries("sft"), dpo_queries or demo_queries("dpo")
+    generate_fn = _reported(run_generate, progress, _building, _built)
+    train_fn = _reported(train, progress, lambda c: f"train {c.method.upper()} on Ray Train + DeepSpeed", _trained)
     loop = run_loop(1, queries, out, preset="tiny", overrides=TINY_OVERRIDES + list(extra or []),
-                    dpo_queries=dpo_queries, weights=weights)
+                    dpo_queries=dpo_queries, weights=weights, generate_fn=generate_fn, train_fn=train_fn)
     stages = stage_rows(loop)
+    if progress:
+        progress.begin(f"serve the DPO optimizer on 127.0.0.1:{port} and ask it once")
     stages["serve"] = serve_and_ask(loop["optimizer"], port, "a corgi surfing a wave at sunset -ar 16:9")
+    if progress:
+        progress.end(f"{stages['serve']['rows_out']} prompt back")
     summary = {"queries": {"sft": queries, "dpo": dpo_queries}, "optimizer": loop["optimizer"], "stages": stages,
                "wall_seconds": round(time.perf_counter() - t0, 2)}
     storage.write_json(storage.join(out, "summary.json"), summary)
     return summary
+
+
+def summary_table(summary: dict) -> str:
+    rows = [["stage", "rows in", "rows out", "errors", "seconds"]]
+    for name, s in summary["stages"].items():
+        rows.append([name, s["rows_in"], s["rows_out"], s["errors"], f"{s['seconds']:.1f}"])
+    rows.append(["total", None, None, None, f"{summary['wall_seconds']:.1f}"])
+    return table(rows)
 
 
 def add_arguments(p) -> None:
@@ -99,13 +146,19 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    summary = run_demo(args.out, args.queries, args.port, args.overrides, dpo_queries=args.dpo_queries,
-                       weights=args.weights)
-    for name, s in summary["stages"].items():
-        print(f"{name:28s} in={s['rows_in']!s:>5} out={s['rows_out']!s:>5} errors={s['errors']!s:>3} {s['seconds']}s")
+    log_path = os.path.join(args.out, "demo.log")
+    with output_to_file(log_path) as console:
+        # Everything but the stage lines (Ray, Ray Data, Train, DeepSpeed, TRL, Serve) goes to the file.
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        console.write(f"vpo demo: the VPO loop on tiny random-weight models; full log in {log_path}\n")
+        summary = run_demo(args.out, args.queries, args.port, args.overrides, dpo_queries=args.dpo_queries,
+                           weights=args.weights, progress=StageLine(console, 5))
+        import ray
+
+        ray.shutdown()  # inside: Ray's goodbyes go to the log too
+    print(summary_table(summary))
     print(f"summary: {os.path.join(args.out, 'summary.json')}")
     print("optimized:", json.dumps(summary["stages"]["serve"]["reply"].get("prompts"), ensure_ascii=False)[:300])
     return 0

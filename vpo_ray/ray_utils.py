@@ -8,8 +8,20 @@ from vpo_ray.config import RayConfig
 
 log = logging.getLogger(__name__)
 
-QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
-             "DIFFUSERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+             "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false",
+             # Ray Train's print patch logs every print of the training thread, even into a
+             # redirected stdout: `datasets` hashes TRL's map functions with dill, which
+             # disassembles them into a captured stdout, and thousands of bytecode lines a
+             # run reached the log.
+             "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+# Ray loggers quieted in every worker of a local instance (see quiet_ray_loggers).
+QUIET_LOGGERS = {
+    # Started without the dashboard, the state API is not there, and Ray Train's placement
+    # group cleaner warns once a second for the whole training ("Failed to query Ray Train
+    # Controller actor state"); it still removes the group when training ends normally.
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
+}
 # Settings of the driver that workers need too (offline mode, tiny-model cache, CPU DeepSpeed).
 PASS_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "VPO_CACHE", "DS_ACCELERATOR",
             "VPO_TRUST_REMOTE_CODE", "VPO_UMASK")
@@ -37,7 +49,14 @@ def init_ray(cfg: RayConfig = RayConfig()):
             if k in os.environ:
                 env[k] = os.environ[k]
         ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False,
-                 runtime_env={"env_vars": env}, **kwargs)
+                 runtime_env={"env_vars": env, "worker_process_setup_hook": "vpo_ray.ray_utils.quiet_ray_loggers"},
+                 **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("VPO_PROGRESS", "1") != "0"
     return ray
+
+
+def quiet_ray_loggers() -> None:
+    """Worker setup hook of a local instance: QUIET_LOGGERS at their levels."""
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)

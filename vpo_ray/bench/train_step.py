@@ -126,8 +126,10 @@ def _ds_worker(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
+    from vpo_ray.train.build import init_deepspeed_comm
+
     cuda = config["cuda"]
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    init_deepspeed_comm(cuda)
     rank = ray.train.get_context().get_world_rank()
     device = str(ray.train.torch.get_device()) if cuda else "cpu"
     if cuda:

@@ -25,6 +25,27 @@ from vpo_ray.config import ConfigError, TrainConfig, replace
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
+def init_deepspeed_comm(use_gpu: bool) -> None:
+    """DeepSpeed's comm on Ray's process group (ZeRO-3's zero.Init needs it before the model).
+
+    On CPU, DeepSpeed's comm JIT-compiles its shared-memory all-reduce op (deepspeed_shm_comm)
+    the first time it starts: a C++ build of minutes on a small machine (most of the tiny
+    demo's SFT time on 2 cores). That op serves only `inference_all_reduce` (tensor-parallel
+    inference); ZeRO training reduces through the gloo group, so the op is marked not
+    buildable here. DeepSpeed keeps edits to `deepspeed.ops.__compatible_ops__` (one dict per
+    process); if a DeepSpeed release drops it, the op is built as before.
+    """
+    import deepspeed
+
+    if not use_gpu:
+        import deepspeed.ops
+
+        compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+        if isinstance(compatible, dict):
+            compatible["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+
+
 def architecture_config(model: str):
     """The transformers config of `model`: a dir holding config.json, or a registry name whose architecture
     ships in vpo_ray/models/configs/ (the folder models.random_weights.config_folder names; tiny presets

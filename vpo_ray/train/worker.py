@@ -374,10 +374,9 @@ def train_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     facts = _gpu_facts(cfg, bool(config.get("measure_ceiling")))
     if cfg.deepspeed_stage > 0:
-        import deepspeed
+        from vpo_ray.train.build import init_deepspeed_comm
 
-        # ZeRO-3's zero.Init (inside from_config/from_pretrained) needs DeepSpeed's comm on Ray's process group.
-        deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
+        init_deepspeed_comm(cfg.use_gpu)
     local_root = tempfile.mkdtemp(prefix=f"vpo-train-{cfg.method}-r{rank}-")
     run_dir = shared_run_dir()
     CheckpointToRay, StepMetrics, NoSaveAtEnd = callback_classes()
