@@ -25,10 +25,10 @@ def positional_from_config(key: str, config: Path, rest: Sequence[str], default:
         if item.startswith(f"{key}="):
             return item.split("=", 1)[1]
     if config.is_file():
-        import yaml
+        from vpo_ray.config import read_yaml_mapping
 
-        data = yaml.safe_load(config.read_text()) or {}
-        if isinstance(data, dict) and data.get(key):
+        data = read_yaml_mapping(config)
+        if data.get(key):
             return str(data[key])
     return default
 

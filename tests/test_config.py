@@ -94,3 +94,26 @@ def test_exponent_without_dot_is_a_float():
     assert load_config(TrainConfig, None, ["learning_rate=1e-4"]).learning_rate == 1e-4
     with pytest.raises(ConfigError, match="learning_rate"):
         load_config(TrainConfig, None, ["learning_rate=fast"])
+
+
+@pytest.mark.parametrize("content, why", [
+    ("a: [1, 2\n", "not valid YAML"),
+    ("- just\n- a list\n", "must hold a mapping"),
+    (b"\xff\xfe\x00bad", "cannot be read"),
+])
+def test_every_yaml_reader_names_the_file(tmp_path, content, why):
+    """Job configs, the loop's sectioned YAML, the preset-default merge and the jobs/ entry
+    points read YAML through one reader, so each failure says which file and why."""
+    from jobs._entry import positional_from_config
+    from vpo_ray.config import load_config_with_defaults
+    from vpo_ray.train.loop import split_overrides
+
+    path = tmp_path / "job.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    readers = [lambda: load_config(GenerateConfig, path), lambda: split_overrides([], str(path)),
+               lambda: load_config_with_defaults(GenerateConfig, path, [], {"num_samples": 2}),
+               lambda: positional_from_config("name", path, [], "default")]
+    for read in readers:
+        with pytest.raises(ConfigError, match=why) as e:
+            read()
+        assert str(path) in str(e.value)

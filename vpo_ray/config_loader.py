@@ -167,8 +167,7 @@ def given_keys(path: Optional[str | Path], overrides: list[str], fields: dict) -
             if isinstance(v, dict):
                 yield from flatten(v, prefix + k + ".")
 
-    tree = yaml.safe_load(Path(path).read_text()) if path and Path(path).is_file() else None
-    keys = set(flatten(tree)) if isinstance(tree, dict) else set()
+    keys = set(flatten(read_yaml_mapping(path))) if path else set()
     keys |= {k for k, v in fields.items() if v is not None}
     for o in overrides:
         k, v = parse_override(o)

@@ -27,12 +27,11 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Callable, Optional
 
 from vpo_ray import storage
 from vpo_ray.config import (ConfigError, GenerateConfig, TrainConfig, load_config, load_config_with_defaults,
-                            parse_override)
+                            parse_override, read_yaml_mapping)
 from vpo_ray.models.registry import preset_job_defaults
 from vpo_ray.train.video_dpo_config import VideoDPOConfig
 
@@ -51,11 +50,7 @@ def split_overrides(overrides: list[str], yaml_path: Optional[str] = None) -> tu
     values: dict[str, dict] = {name: {} for name in set(SECTIONS.values())}
     out: dict[str, list[str]] = {name: [] for name in set(SECTIONS.values())}
     if yaml_path:
-        import yaml
-
-        data = yaml.safe_load(Path(yaml_path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"loop config {yaml_path}: expected sections generate/train/sft/dpo/video_dpo")
+        data = read_yaml_mapping(yaml_path)
         for section, given in data.items():
             if section not in SECTIONS or not isinstance(given, dict):
                 raise ConfigError(f"loop config {yaml_path}: unknown section '{section}' "
