@@ -45,6 +45,7 @@ def _marked_skip(item) -> str | None:
 class SuitePlan:
     def __init__(self, config):
         self.config = config
+        self.cache = getattr(config, "cache", None)  # None under `-p no:cacheprovider`: no times kept
         self.times: dict[str, float] = {}
         self.skips: Counter = Counter()
         self.expected_s = 0.0
@@ -54,7 +55,7 @@ class SuitePlan:
         items = session.items
         if not items:
             return
-        last = self.config.cache.get(_DURATIONS_KEY, {}) if self.config.cache else {}
+        last = self.cache.get(_DURATIONS_KEY, {}) if self.cache else {}
         known = {**_reference(), **last}
         fallback = statistics.mean(known.values()) if known else 5.0  # a never-timed test: the average one
         self.expected_s = sum(known.get(i.nodeid, fallback) for i in items)
@@ -65,7 +66,7 @@ class SuitePlan:
               + (f" ({untimed} never timed, counted at {fallback:.0f} s each)" if untimed else ""))
         for reason, n in marked.most_common():
             write(f"suite plan: will skip {n}: {reason}")
-        previous = self.config.cache.get(_SKIPS_KEY, {}) if self.config.cache else {}
+        previous = self.cache.get(_SKIPS_KEY, {}) if self.cache else {}
         for reason, n in sorted(previous.items(), key=lambda kv: -kv[1]):
             if reason not in marked:
                 write(f"suite plan: skipped last run ({n}): {reason}")
@@ -81,11 +82,11 @@ class SuitePlan:
             self.skips[report.longrepr[2].removeprefix("Skipped: ")] += 1
 
     def pytest_sessionfinish(self, session) -> None:
-        if self.config.cache is None or not self.times:
+        if self.cache is None or not self.times:
             return
-        merged = {**self.config.cache.get(_DURATIONS_KEY, {}), **{k: round(v, 2) for k, v in self.times.items()}}
-        self.config.cache.set(_DURATIONS_KEY, merged)
-        self.config.cache.set(_SKIPS_KEY, dict(self.skips))
+        merged = {**self.cache.get(_DURATIONS_KEY, {}), **{k: round(v, 2) for k, v in self.times.items()}}
+        self.cache.set(_DURATIONS_KEY, merged)
+        self.cache.set(_SKIPS_KEY, dict(self.skips))
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         if self.times:

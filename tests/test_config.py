@@ -3,8 +3,8 @@ import dataclasses
 
 import pytest
 
-from vpo_ray.config import (ConfigError, GenerateConfig, ServeConfig, TrainConfig, load_config, parse_override,
-                            replace)
+from vpo_ray.config import (BenchConfig, ConfigError, EvalConfig, GenerateConfig, SamplingConfig, ServeConfig,
+                            TrainConfig, VideoConfig, load_config, parse_override, replace)
 
 
 def test_defaults_follow_the_paper():
@@ -42,6 +42,34 @@ def test_errors_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:
         load_config(GenerateConfig, None, [override])
     assert key in str(e.value)
+
+
+@pytest.mark.parametrize("cls, override, message", [
+    (GenerateConfig, "video.num_frames=0", "video.num_frames: must be >= 1, got 0"),
+    (GenerateConfig, "judge_sampling.top_p=1.5", "judge_sampling.top_p: expected 0 < top_p <= 1, got 1.5"),
+    (GenerateConfig, "rewrite_stage.batch_size=0", "rewrite_stage.batch_size: must be >= 1, got 0"),
+    (GenerateConfig, "t2v_stage.max_actors=0", "t2v_stage.max_actors: must be >= min_actors (1), got 0"),
+    (GenerateConfig, "ray.num_cpus=0", "ray.num_cpus: must be >= 1 (or null), got 0"),
+    (EvalConfig, "sampling.temperature=-1", "sampling.temperature: must be >= 0 (0 = greedy), got -1.0"),
+    (ServeConfig, "autoscaling.initial_replicas=5", "autoscaling.initial_replicas: must lie in [1, 2] (or null), got 5"),
+    (ServeConfig, "autoscaling.max_replicas=0", "autoscaling.min_replicas: need 0 <= min_replicas <= max_replicas (0)"),
+    (ServeConfig, "video.fps=0", "video.fps: must be >= 1, got 0"),
+    (BenchConfig, "video.height=0", "video.height: must be >= 1 (or null), got 0"),
+    (BenchConfig, "train.engine=jax", "train.engine: expected trl"),  # the section's message already has its path
+    (TrainConfig, "throughput_warmup_steps=-1", "throughput_warmup_steps: must be >= 0, got -1"),
+])
+def test_bad_values_name_the_section_and_field(cls, override, message):
+    """Each config section checks itself when built; loaded, the error names the field's whole path."""
+    with pytest.raises(ConfigError) as e:
+        load_config(cls, None, [override])
+    assert str(e.value).startswith(message)
+
+
+def test_sections_check_themselves_when_built_in_code():
+    with pytest.raises(ConfigError, match="^num_inference_steps: must be >= 1, got 0"):
+        VideoConfig(num_inference_steps=0)
+    with pytest.raises(ConfigError, match="^max_new_tokens: must be >= 1, got 0"):
+        SamplingConfig(max_new_tokens=0)
 
 
 def test_unknown_key_in_yaml_names_it(tmp_path):

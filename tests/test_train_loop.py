@@ -37,6 +37,20 @@ def test_bad_stage_setting_fails_before_any_work(tmp_path):
     assert calls == []  # refused before the first set was built
 
 
+@pytest.mark.parametrize("override, named", [
+    ("gen.video.num_frames=0", "video.num_frames"),  # a section's own check
+    ("gen.num_samples=0", "num_samples"),  # a generate rule
+    ("gen.judge_stage.max_actors=0", "judge_stage.max_actors"),
+])
+def test_bad_dpo_round_setting_fails_before_the_sft_round(tmp_path, override, named):
+    calls = []
+    with pytest.raises(ConfigError, match=named):
+        run_loop(1, str(tmp_path / "q.jsonl"), str(tmp_path / "out"), overrides=[override],
+                 generate_fn=lambda cfg: calls.append(cfg) or {"output": cfg.out},
+                 train_fn=lambda cfg: calls.append(cfg) or {})
+    assert calls == []
+
+
 def test_preset_job_defaults_reach_every_generate_stage_and_user_settings_win(tmp_path):
     cfg = tmp_path / "loop.yaml"
     cfg.write_text("generate:\n  sampling:\n    max_new_tokens: 7\n")

@@ -42,6 +42,16 @@ def test_dpo_counts_the_reference_forward_only_when_it_runs_in_the_step():
     assert throughput([{"step": 1, "loss": 1.0}], state, "sft", False) == {}  # nothing timed
 
 
+def test_warm_up_steps_left_out_are_the_runs_own():
+    """`vpo bench train-step train.warmup_steps=1` times every step after the first, not after the second."""
+    rows = [row(1, 9.0, 100), row(2, 2.0, 100), row(3, 3.0, 100), row(4, 4.0, 100)]
+    state = {"world_size": 1, "params": 10}
+    assert throughput(rows, state, "sft", False)["steps_timed"] == 2  # the default: two warm-up steps
+    one = throughput(rows, state, "sft", False, warmup=1)
+    assert one["steps_timed"] == 3 and one["step_s_median"] == 3.0
+    assert throughput(rows, state, "sft", False, warmup=0)["step_s_median"] == 3.5
+
+
 def test_resume_check_compares_redone_steps_with_the_crashed_attempt():
     final = [row(s, 1.0, 10, loss=1.0 / s) for s in range(1, 7)]
     before_crash = [row(4, 1.0, 10, loss=0.25), row(5, 1.0, 10, loss=0.2 * 1.001)]

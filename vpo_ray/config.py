@@ -14,6 +14,17 @@ from vpo_ray.config_loader import (ConfigError, _build, given_keys, load_config,
                                    load_config_with_defaults, parse_override, read_yaml_mapping, replace, to_dict)
 
 
+
+def check_rules(cfg: object, *rules: tuple[bool, str, str]) -> None:
+    """Raise ConfigError for the first (ok, field, rule) that does not hold, naming the field and its value.
+
+    A section's check names its own field ("num_frames"); the loader adds the path ("video.").
+    """
+    for ok, key, rule in rules:
+        if not ok:
+            raise ConfigError(f"{key}: {rule}, got {getattr(cfg, key)!r}")
+
+
 # ---------------------------------------------------------------------------- sections
 
 @dataclass(frozen=True)
@@ -26,6 +37,11 @@ class SamplingConfig:
     top_p: float = 0.9
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        check_rules(self, (self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1"),
+                    (self.temperature >= 0, "temperature", "must be >= 0 (0 = greedy)"),
+                    (0 < self.top_p <= 1, "top_p", "expected 0 < top_p <= 1"))
+
 
 @dataclass(frozen=True)
 class RayConfig:
@@ -33,6 +49,10 @@ class RayConfig:
     num_cpus: Optional[int] = None  # only for a local instance
     num_gpus: Optional[int] = None
     log_to_driver: bool = True
+
+    def __post_init__(self) -> None:
+        check_rules(self, (self.num_cpus is None or self.num_cpus >= 1, "num_cpus", "must be >= 1 (or null)"),
+                    (self.num_gpus is None or self.num_gpus >= 0, "num_gpus", "must be >= 0 (or null)"))
 
 
 @dataclass(frozen=True)
@@ -49,6 +69,12 @@ class StageConfig:
     # A model call (a batch; one video for render and video judge) still running after this
     # many seconds ends its actor: Ray restarts it and retries the rows (pipeline/guard.py). 0 = off.
     watchdog_s: float = 1800.0
+
+    def __post_init__(self) -> None:
+        check_rules(self, (self.min_actors >= 1, "min_actors", "must be >= 1"),
+                    (self.max_actors >= self.min_actors, "max_actors", f"must be >= min_actors ({self.min_actors})"),
+                    (self.batch_size >= 1, "batch_size", "must be >= 1"),
+                    (self.num_cpus >= 0, "num_cpus", "must be >= 0"), (self.num_gpus >= 0, "num_gpus", "must be >= 0"))
 
 
 WEIGHTS = ("pretrained", "random")  # a job's `weights`: released checkpoints, or real architectures with random weights
@@ -196,6 +222,11 @@ class VideoConfig:
     optimizations: tuple[str, ...] = ()  # T2V speed flags (pipeline/t2v.py OPTIMIZATIONS), e.g. [attn=cudnn, compile, overlap]
     warmup_steps: int = 0  # > 0: each T2V actor renders one throw-away clip of this many steps first (compile)
 
+    def __post_init__(self) -> None:
+        check_rules(self, *((getattr(self, k) >= 1, k, "must be >= 1") for k in (
+            "num_frames", "height", "width", "num_inference_steps", "fps", "seeds_per_prompt", "judge_frames")),
+                    (self.guidance_scale >= 0, "guidance_scale", "must be >= 0"))
+
 
 # ---------------------------------------------------------------------------- jobs
 
@@ -319,6 +350,9 @@ class TrainConfig:
     keep_checkpoints: int = 2  # Ray Train keeps this many latest checkpoints
     save_at_end: bool = True  # also checkpoint after the last step (false: only every save_steps, never the last)
     logging_steps: int = 1
+    # First optimizer steps left out of summary.json's throughput figures (allocator, kernels,
+    # NCCL set-up); `vpo bench train-step` sets its own train.warmup_steps here.
+    throughput_warmup_steps: int = 2
     max_failures: int = 2  # worker deaths tolerated; each restart resumes from the last checkpoint
     resume_from: Optional[str] = None  # checkpoint dir (Ray or HF layout, local or URI) to resume from
     run_name: Optional[str] = None  # Ray Train run under out/ray_results; None = method. Same out+name resumes
@@ -351,6 +385,8 @@ class TrainConfig:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if self.save_steps < 0:
             raise ConfigError(f"save_steps: must be >= 0 (0 = no checkpoints), got {self.save_steps}")
+        if self.throughput_warmup_steps < 0:
+            raise ConfigError(f"throughput_warmup_steps: must be >= 0, got {self.throughput_warmup_steps}")
         if self.lora and self.weights == "random":
             raise ConfigError("lora: the merged export needs the base weights; use weights=pretrained")
         if self.packing and self.method != "sft":
@@ -380,6 +416,18 @@ class AutoscalingConfig:
     metrics_interval_s: Optional[float] = None
     upscaling_factor: Optional[float] = None  # gain on scale-up decisions; None = Ray's 1.0
     downscaling_factor: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        lo, hi, start = self.min_replicas, self.max_replicas, self.initial_replicas
+        check_rules(self, (0 <= lo <= hi, "min_replicas", f"need 0 <= min_replicas <= max_replicas ({hi})"),
+                    (hi >= 1, "max_replicas", "must be >= 1"),
+                    (start is None or lo <= start <= hi, "initial_replicas", f"must lie in [{lo}, {hi}] (or null)"),
+                    (self.target_ongoing_requests > 0, "target_ongoing_requests", "must be > 0"),
+                    (self.upscale_delay_s >= 0, "upscale_delay_s", "must be >= 0"),
+                    (self.downscale_delay_s >= 0, "downscale_delay_s", "must be >= 0"),
+                    (self.look_back_period_s > 0, "look_back_period_s", "must be > 0"),
+                    *((getattr(self, k) is None or getattr(self, k) > 0, k, "must be > 0 (or null)")
+                      for k in ("metrics_interval_s", "upscaling_factor", "downscaling_factor")))
 
 
 @dataclass(frozen=True)
@@ -450,9 +498,6 @@ class ServeConfig:
             raise ConfigError(f"temperature ({self.temperature}) must lie in [0, max_temperature={self.max_temperature}]")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p: expected 0 < top_p <= 1, got {self.top_p}")
-        a = self.autoscaling
-        if not 0 <= a.min_replicas <= a.max_replicas or a.max_replicas < 1:
-            raise ConfigError(f"autoscaling: need 0 <= min_replicas ({a.min_replicas}) <= max_replicas ({a.max_replicas}), max >= 1")
 
 
 @dataclass(frozen=True)
@@ -553,6 +598,11 @@ class BenchVideoConfig:
     num_inference_steps: Optional[int] = None
     guidance_scale: Optional[float] = None
     fps: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        check_rules(self, *((getattr(self, k) is None or getattr(self, k) >= 1, k, "must be >= 1 (or null)")
+                            for k in ("num_frames", "height", "width", "num_inference_steps", "fps")),
+                    (self.guidance_scale is None or self.guidance_scale >= 0, "guidance_scale", "must be >= 0"))
 
 
 LLM_BENCH_PHASES = ("engine", "verdict", "baseline", "vlm", "stages", "invariance", "ablations", "compile")

@@ -88,7 +88,12 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     missing = [k for k in required if k not in kwargs]
     if missing:
         raise ConfigError(f"missing config key '{prefix}{missing[0]}'")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # a section's own check names its field; say which section it is
+        if prefix and not str(e).startswith(prefix):
+            raise ConfigError(f"{prefix}{e}") from None
+        raise
 
 
 def parse_override(text: str) -> tuple[str, Any]:

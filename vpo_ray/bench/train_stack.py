@@ -118,7 +118,8 @@ def run_one(spec: RunSpec, cfg, model: str, device: str) -> dict:
     cpus = tc.cpus_per_worker or max(1.0, (init_ray(cfg.ray).cluster_resources().get("CPU", 1) - 1) // spec.workers)
     fields = dict(method=spec.method, out=out, model=model, weights="random", num_workers=spec.workers,
                   use_gpu=cuda, deepspeed_stage=spec.stage, precision="bf16" if cuda else "fp32",
-                  max_steps=tc.warmup_steps + tc.steps, per_device_batch_size=spec.batch, max_length=tc.seq_len,
+                  max_steps=tc.warmup_steps + tc.steps, throughput_warmup_steps=tc.warmup_steps,
+                  per_device_batch_size=spec.batch, max_length=tc.seq_len,
                   save_steps=0, export=False, logging_steps=1, warmup_ratio=0.0, learning_rate=1e-6, max_failures=0,
                   packing=spec.method == "sft" and "nopack" not in spec.flags,
                   precompute_ref_log_probs="precompute" in spec.flags, offload="offload" in spec.flags,

@@ -122,8 +122,10 @@ def run_loop(rounds: int, queries: str, out: str, preset: str = "tiny", override
             **values["train"], **values[kind], "method": kind, "data": data_dir, "out": train_dir,
             "preset": preset, "model": model})
 
+    from vpo_ray.pipeline.generate import check_config as check_generate  # rules across keys (num_samples, ...)
+
     for kind in ("sft", "dpo") if rounds else ("sft",):  # every stage's settings fail now, not hours in
-        gen_cfg(kind, out, None)
+        check_generate(gen_cfg(kind, out, None))
         train_cfg(kind, out, out, None)
     if video and rounds:
         train_cfg("video_dpo", out, out, None)

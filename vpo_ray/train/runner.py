@@ -181,7 +181,7 @@ def run_figures(cfg: TrainConfig, rows: list[dict], state: dict) -> dict:
     ref_in_step = cfg.method == "dpo" and not cfg.precompute_ref_log_probs
     fresh = [a["train_begin_s"] for a in attempts if not a.get("resumed_from")]
     resumed = [a["train_begin_s"] for a in attempts if a.get("resumed_from")]
-    return {"throughput": throughput(rows, state, cfg.method, ref_in_step),
+    return {"throughput": throughput(rows, state, cfg.method, ref_in_step, cfg.throughput_warmup_steps),
             "checkpoint_saves": this_call(SAVES),
             # train() start to the first step: DeepSpeed set-up, plus reading the checkpoint when resumed
             "attempts": attempts,

@@ -29,9 +29,10 @@ def timed_rows(rows: list[dict], warmup: int = WARMUP_STEPS) -> list[dict]:
     return timed[1:] if len(timed) > 1 else timed
 
 
-def throughput(rows: list[dict], state: dict, method: str, reference_in_step: bool) -> dict:
-    """The run's steady-state figures (empty dict when no step carried timings)."""
-    timed = timed_rows(rows)
+def throughput(rows: list[dict], state: dict, method: str, reference_in_step: bool,
+               warmup: int = WARMUP_STEPS) -> dict:
+    """The run's steady-state figures past `warmup` steps (empty dict when no step carried timings)."""
+    timed = timed_rows(rows, warmup)
     if not timed:
         return {}
     ranks = int(state.get("world_size") or 1)

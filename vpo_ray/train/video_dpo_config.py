@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from vpo_ray.config import ConfigError, RayConfig, check_weights
+from vpo_ray.config import ConfigError, RayConfig, check_rules, check_weights
 
 # Learning rates when `learning_rate` is None (see the module docstring for the sources).
 DEFAULT_LR = {"lora": 1e-4, "full": 6e-6}
@@ -75,7 +75,8 @@ class VideoDPOConfig:
 
     def __post_init__(self) -> None:
         check_weights(self.weights)
-        checks = (
+        check_rules(
+            self,
             (self.beta > 0, "beta", "must be > 0"),
             (self.timestep_sampling in TIMESTEP_SAMPLING, "timestep_sampling",
              f"expected one of {', '.join(TIMESTEP_SAMPLING)}"),
@@ -86,9 +87,6 @@ class VideoDPOConfig:
             (self.warmup_steps >= 0, "warmup_steps", "must be >= 0"),
             (self.max_failures >= -1, "max_failures", "expected -1 (unlimited) or >= 0"),
         )
-        for ok, key, rule in checks:
-            if not ok:
-                raise ConfigError(f"{key}: {rule}, got {getattr(self, key)!r}")
         for key in ("num_workers", "per_device_batch_size", "gradient_accumulation_steps", "save_steps",
                     "logging_steps", "keep_checkpoints", "lora_r", "lora_alpha"):
             if getattr(self, key) < 1:
