@@ -1,4 +1,5 @@
-"""Size rules of CONTRIBUTING.md: no module in vpo_ray/ over 600 lines, no function over 80.
+"""Size rules of CONTRIBUTING.md: no module in vpo_ray/ over 600 lines, no function over 80;
+and a file named tests/**/test_*.py holds tests (helpers are named for what they are).
 
 `python tests/test_code_size.py [N]` prints the N largest modules and functions.
 """
@@ -8,7 +9,8 @@ import ast
 import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "vpo_ray"
+TESTS = Path(__file__).resolve().parent
+PACKAGE = TESTS.parent / "vpo_ray"
 MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 80
 
@@ -38,6 +40,16 @@ def test_no_module_over_600_lines():
 def test_no_function_over_80_lines():
     over = [f"{n} {where}" for n, where in function_sizes() if n > MAX_FUNCTION_LINES]
     assert not over, "functions over 80 lines:\n" + "\n".join(over)
+
+
+
+def test_modules_named_test_hold_tests():
+    """pytest collects every test_*.py as a test file; a helper module is named for what it holds (train_helpers.py)."""
+    def has_tests(p: Path) -> bool:
+        return any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name.startswith("test")
+                   for n in ast.walk(ast.parse(p.read_text(), str(p))))
+    empty = [str(p.relative_to(TESTS)) for p in TESTS.rglob("test_*.py") if not has_tests(p)]
+    assert not empty, f"modules named test_* without a test (rename them): {empty}"
 
 
 if __name__ == "__main__":

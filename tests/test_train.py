@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from test_train_helpers import FakeGenerate, dpo_rows, sft_rows, tiny_model_path, write_jsonl, write_parquet
+from train_helpers import FakeGenerate, dpo_rows, sft_rows, tiny_model_path, write_jsonl, write_parquet
 from vpo_ray.config import TrainConfig, load_config
 from vpo_ray.prompts import optimizer_messages
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from test_train_helpers import dpo_rows, sft_rows, tiny_model_path, write_jsonl, write_parquet
+from train_helpers import dpo_rows, sft_rows, tiny_model_path, write_jsonl, write_parquet
 from vpo_ray.config import ConfigError, TrainConfig, load_config
 from vpo_ray.train.data import DataError, find_data_files, load_for_trl, validate_training_set
 

@@ -27,14 +27,14 @@ SAVE_STEPS = 2
 
 @pytest.fixture(scope="module")
 def sft_data(tmp_path_factory):
-    from test_train_helpers import sft_rows, write_parquet
+    from train_helpers import sft_rows, write_parquet
 
     return write_parquet(sft_rows(24), tmp_path_factory.mktemp("train_data") / "sft.parquet")
 
 
 @pytest.fixture(scope="module")
 def base_model(tiny_cache):
-    from test_train_helpers import tiny_model_path
+    from train_helpers import tiny_model_path
 
     return tiny_model_path(tiny_cache)
 
