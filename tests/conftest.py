@@ -32,7 +32,9 @@ def ray_session(tiny_cache):
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
-                                           "TOKENIZERS_PARALLELISM": "false", "VPO_CACHE": str(tiny_cache)}})
+                                           "TOKENIZERS_PARALLELISM": "false", "VPO_CACHE": str(tiny_cache)},
+                              # as vpo_ray.ray_utils.init_ray: quiet Ray Train, workers know this instance
+                              "worker_process_setup_hook": "vpo_ray.ray_utils.quiet_ray_loggers"})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     try:

@@ -57,6 +57,14 @@ def init_ray(cfg: RayConfig = RayConfig()):
 
 
 def quiet_ray_loggers() -> None:
-    """Worker setup hook of a local instance: QUIET_LOGGERS at their levels."""
+    """Worker setup hook of a local instance: QUIET_LOGGERS at their levels; RAY_ADDRESS set to this instance.
+
+    Ray's state API, which Ray Train's placement-group cleaner polls, finds "the" local
+    instance by looking for running ones; with several on one machine (parallel test runs,
+    a shared host) it raises ConnectionError, which ends the cleaner's thread with a traceback.
+    """
+    import ray
+
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
