@@ -66,6 +66,11 @@ def _text(tokenizer, n_tokens: int, rng: random.Random) -> str:
     return text or "video"  # an all-whitespace draw would be an empty message
 
 
+def _chat(user: str) -> list[dict]:
+    """The prompt turns of a benchmark row: an empty system turn and the user's text."""
+    return [{"role": "system", "content": ""}, {"role": "user", "content": user}]
+
+
 def synthetic_set(method: str, rows: int, tokenizer, seq_len: int, row_tokens: int, seed: int = 0) -> list[dict]:
     """Training rows of the benchmark's shape (see the module doc), in the schema `vpo train` reads."""
     from vpo_ray import schema
@@ -77,10 +82,10 @@ def synthetic_set(method: str, rows: int, tokenizer, seq_len: int, row_tokens: i
         qid = schema.query_id(f"bench {method} {i}")
         if method == "sft":
             half = max(1, row_tokens // 2 - scaffold)
-            out.append(schema.sft_row(qid, "", _text(tokenizer, half, rng), _text(tokenizer, half, rng)))
+            out.append(schema.sft_row(qid, _chat(_text(tokenizer, half, rng)), _text(tokenizer, half, rng)))
         else:
             half = max(1, seq_len // 2 - 2 * scaffold)
-            out.append(schema.dpo_row(qid, "", _text(tokenizer, half, rng), _text(tokenizer, half, rng),
+            out.append(schema.dpo_row(qid, _chat(_text(tokenizer, half, rng)), _text(tokenizer, half, rng),
                                       _text(tokenizer, half, rng), "text", {"chosen": 1.0, "rejected": 0.0}))
     return out
 
