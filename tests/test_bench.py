@@ -80,7 +80,7 @@ def test_video_sampling_scaling_tiny(ray_session, tiny_cache, tmp_path, capsys):
 
 def test_llm_stages_measures_the_presets_models():
     from vpo_ray.bench.llm_stages import bench_models
-    from vpo_ray.config import BenchConfig, BenchLLMConfig
+    from vpo_ray.bench.config import BenchConfig, BenchLLMConfig
 
     assert bench_models(BenchConfig(name="llm-stages", preset="paper")) == (("llama3-8b-instruct",),
                                                                             ("qwen2-vl-7b-instruct",))

@@ -3,7 +3,8 @@ import dataclasses
 
 import pytest
 
-from vpo_ray.config import (BenchConfig, ConfigError, EvalConfig, GenerateConfig, SamplingConfig, ServeConfig,
+from vpo_ray.bench.config import BenchConfig
+from vpo_ray.config import (ConfigError, EvalConfig, GenerateConfig, SamplingConfig, ServeConfig,
                             TrainConfig, VideoConfig, load_config, parse_override, replace)
 
 

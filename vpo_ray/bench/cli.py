@@ -10,7 +10,7 @@ it (and a PNG) under --out.
 
 `--preset tiny` runs everything on CPU in CI time (the harness, not speed); any other
 preset or registry name builds the real architecture with random weights. Further
-settings are `key=value` overrides of `BenchConfig` (vpo_ray/config.py); video-dpo-step takes
+settings are `key=value` overrides of `BenchConfig` (vpo_ray/bench/config.py); video-dpo-step takes
 `BenchVideoDPOConfig` (vpo_ray/train/video_dpo_config.py) instead.
 """
 from __future__ import annotations
@@ -46,7 +46,8 @@ def run_bench(cfg) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from vpo_ray.bench.common import print_record
-    from vpo_ray.config import BenchConfig, load_config
+    from vpo_ray.bench.config import BenchConfig
+    from vpo_ray.config import load_config
 
     if args.name == "video-dpo-step":  # the video model's training step: its own config
         from vpo_ray.bench import video_dpo_step

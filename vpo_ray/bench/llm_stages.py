@@ -36,7 +36,8 @@ import dataclasses
 import time
 
 from vpo_ray.bench import common, llm_figures
-from vpo_ray.config import BenchConfig, LLMEngineConfig
+from vpo_ray.bench.config import BenchConfig
+from vpo_ray.config import LLMEngineConfig
 
 # Prompt lengths (tokens, uniform) of the judge's two decode stages; output lengths come from the output model.
 STAGE_PROMPTS = {"critique": (450, 650),  # judge template + query + candidate prompt

@@ -21,7 +21,8 @@ from typing import Any, Optional
 
 from vpo_ray import storage
 from vpo_ray.bench import common, pool_events
-from vpo_ray.config import BenchConfig, GenerateConfig, to_dict
+from vpo_ray.bench.config import BenchConfig
+from vpo_ray.config import GenerateConfig, to_dict
 
 
 def generate_config(cfg: BenchConfig, out: str) -> GenerateConfig:
@@ -141,7 +142,8 @@ class PipelineBench:
         if p.t2v_alone_videos_per_gpu <= 0:
             return None
         from vpo_ray.bench.video_sampling import VideoSamplingBench
-        from vpo_ray.config import BenchVideoConfig, replace
+        from vpo_ray.bench.config import BenchVideoConfig
+        from vpo_ray.config import replace
 
         v = gen.video  # same clip, steps and flags as the pipeline's T2V pool ("overlap" is the stage's own)
         bench_cfg = replace(self.cfg, **{

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 
 from vpo_ray.bench import common
-from vpo_ray.config import BenchConfig
+from vpo_ray.bench.config import BenchConfig
 
 
 def _batch(batch_size: int, seq_len: int, vocab: int, device: str, seed: int):

@@ -33,7 +33,8 @@ from typing import Any, Optional
 
 from vpo_ray import storage
 from vpo_ray.bench import common, flops
-from vpo_ray.config import BenchConfig, StageConfig, VideoConfig
+from vpo_ray.bench.config import BenchConfig
+from vpo_ray.config import StageConfig, VideoConfig
 
 PROMPTS = (
     "A golden retriever runs along a sunny beach, waves rolling in, the camera tracking beside it at dog height.",

@@ -78,6 +78,19 @@ def _done(out: str) -> Optional[dict]:
     return storage.read_json(uri) if storage.exists(uri) else None
 
 
+def _query_files(rounds: int, queries: str, dpo_queries: Optional[str], tune: str) -> dict:
+    """{"sft": file, "dpo": file} after checking the loop's own arguments."""
+    if rounds < 0:
+        raise ConfigError(f"rounds: expected >= 0 DPO rounds, got {rounds}")
+    if not queries:
+        raise ConfigError("queries: no SFT query file given (--sft-queries PATH)")
+    if tune not in TUNE:
+        raise ConfigError(f"tune: expected one of {', '.join(TUNE)}, got {tune!r}")
+    if rounds and not dpo_queries:
+        log.warning("one query file for the SFT and the DPO sets; the recipe uses two (--sft-queries, --dpo-queries)")
+    return {"sft": queries, "dpo": dpo_queries or queries}
+
+
 def run_loop(rounds: int, queries: str, out: str, preset: str = "tiny", overrides: Optional[list[str]] = None,
              config_path: Optional[str] = None, generate_fn: Optional[Callable[[GenerateConfig], dict]] = None,
              train_fn: Optional[Callable[[TrainConfig], dict]] = None, tune: str = "optimizer",
@@ -88,17 +101,9 @@ def run_loop(rounds: int, queries: str, out: str, preset: str = "tiny", override
 
     `weights` ("pretrained" | "random") sets both `gen.weights` and `train.weights` unless they are given.
     """
+    query_files = _query_files(rounds, queries, dpo_queries, tune)
     if weights is not None:
         overrides = [f"gen.weights={weights}", f"train.weights={weights}"] + list(overrides or [])
-    if rounds < 0:
-        raise ConfigError(f"rounds: expected >= 0 DPO rounds, got {rounds}")
-    if not queries:
-        raise ConfigError("queries: no SFT query file given (--sft-queries PATH)")
-    if tune not in TUNE:
-        raise ConfigError(f"tune: expected one of {', '.join(TUNE)}, got {tune!r}")
-    if rounds and not dpo_queries:
-        log.warning("one query file for the SFT and the DPO sets; the recipe uses two (--sft-queries, --dpo-queries)")
-    query_files = {"sft": queries, "dpo": dpo_queries or queries}
     generate_fn, train_fn, video_train_fn = _stage_functions(generate_fn, train_fn, video_train_fn)
     values, sections = split_overrides(overrides or [], config_path)
     video = tune in ("video", "both")
