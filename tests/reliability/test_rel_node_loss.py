@@ -126,7 +126,7 @@ def test_worker_node_lost_during_generate(two_nodes, dpo_reference, rel):
 
 @pytest.fixture(scope="module")
 def dpo_train_data(tmp_path_factory):
-    from test_train_helpers import dpo_rows, write_parquet
+    from train_helpers import dpo_rows, write_parquet
 
     return write_parquet(dpo_rows(48), tmp_path_factory.mktemp("node_loss_train") / "dpo.parquet")
 
