@@ -241,7 +241,8 @@ def test_pipeline_tiny(ray_session, tiny_cache, tmp_path, capsys):
     assert rec["weights"] == "random" and rec["generate_summary"]["accounted"] is True
     e2e = rec["end_to_end"]
     assert e2e["queries"] == 2 and e2e["videos"] == 4  # every candidate passes, one seed each
-    assert e2e["videos_per_s"] > 0 and e2e["queries_per_s"] == round(e2e["videos_per_s"] / 2.0, 5)
+    # both figures are rounded to 5 places from the same unrounded rate: compare within that rounding
+    assert e2e["videos_per_s"] > 0 and abs(e2e["queries_per_s"] - e2e["videos_per_s"] / 2.0) <= 1e-5
     assert set(rec["stages"]) == {"rewrite", "judge", "t2v", "video_judge"}
     assert rec["stages"]["t2v"]["rows_in"] == 4 and rec["stages"]["video_judge"]["rows_in"] == 4
     assert rec["stages"]["rewrite"]["tokens"] > 0  # generated tokens counted in the LLM pools
