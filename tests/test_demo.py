@@ -1,4 +1,6 @@
-"""The README's first command: `vpo demo` runs the whole loop and says what each stage did."""
+"""The README's first command: `vpo demo` runs the whole loop, says what each stage did,
+and shows the method working: the demo judge passes more held-out prompts after SFT than
+the original queries, and at least as many after DPO."""
 import json
 import os
 import subprocess
@@ -8,25 +10,38 @@ import pytest
 
 from transformers import AutoModelForCausalLM
 
+from vpo_ray import demo_rules
 
-@pytest.mark.slow
-def test_demo_runs_the_whole_loop(tmp_path):
-    out = tmp_path / "demo"
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """One `vpo demo` run for this module's tests (it takes minutes): (out dir, summary, stdout)."""
+    out = tmp_path_factory.mktemp("demo") / "out"
     env = dict(os.environ, VPO_PROGRESS="0")
     proc = subprocess.run([sys.executable, "-m", "vpo_ray.cli", "demo", "--out", str(out), "--port", "8123"],
                           capture_output=True, text=True, timeout=1800, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
+    return out, json.loads((out / "summary.json").read_text()), proc.stdout
+
+
+@pytest.mark.slow
+def test_demo_runs_the_whole_loop(demo):
+    out, summary, _ = demo
     stages = summary["stages"]
     assert list(stages) == ["round_0.generate_sft", "round_0.train_sft", "round_1.generate_dpo",
-                            "round_1.train_dpo", "serve"]
+                            "round_1.train_dpo", "serve", "heldout_eval"]
     for name, s in stages.items():
         assert {"rows_in", "rows_out", "errors", "seconds"} <= set(s), name
+    sets = demo_rules.demo_queries()
     gen = stages["round_0.generate_sft"]
-    assert gen["rows_in"] == 24 and gen["rows_out"] > 0
+    assert gen["rows_in"] == len(sets["sft"]) and gen["rows_out"] > 0
     assert gen["rows_out"] + gen["duplicates"] + gen["errors"] == gen["rows_in"]
+    assert stages["round_1.generate_dpo"]["rows_in"] == len(sets["dpo"])
     assert stages["round_1.generate_dpo"]["rows_out"] > 0
     assert stages["round_1.train_dpo"]["rows_out"] > 0  # optimizer steps taken
+    # The scripted teacher and judge answered over HTTP: both rounds judged, the SFT round taught.
+    assert summary["endpoint_requests"]["demo-teacher"] >= len(sets["sft"])
+    assert summary["endpoint_requests"]["demo-judge"] >= len(sets["sft"]) + len(sets["dpo"])
     reply = stages["serve"]["reply"]
     assert reply["prompts"] and reply["prompts"][0].strip()
     assert reply["flags"]["aspect_ratio"] == "16:9"
@@ -34,3 +49,21 @@ def test_demo_runs_the_whole_loop(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(summary["optimizer"])
     assert model.num_parameters() > 0
     assert (out / "round_1" / "dpo_data" / "videos.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_demo_judge_passes_more_prompts_after_sft_and_dpo(demo):
+    _, summary, stdout = demo
+    rates = summary["heldout_pass_rate"]
+    assert list(rates) == ["original", "sft", "dpo"]
+    held = demo_rules.demo_queries()["heldout"]
+    assert all(r["queries"] == len(held) for r in rates.values())
+    assert rates["original"]["pass_rate"] == 0.0  # a bare query never says how it is shot
+    assert rates["sft"]["pass_rate"] > rates["original"]["pass_rate"]
+    assert rates["dpo"]["pass_rate"] >= rates["sft"]["pass_rate"]
+    assert rates["sft"]["model"] != rates["dpo"]["model"] == summary["optimizer"]
+    # The console ends with the table a reader checks.
+    assert "held-out queries" in stdout
+    for name, r in (("original query", rates["original"]), ("SFT optimizer", rates["sft"]),
+                    ("DPO optimizer", rates["dpo"])):
+        assert any(line.startswith(name) and f"{r['pass_rate']:.2f}" in line for line in stdout.splitlines()), name
