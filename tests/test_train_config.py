@@ -21,7 +21,9 @@ def test_paper_defaults_reach_trl(tmp_path):
     assert sft.save_only_model is False  # optimizer + scheduler are kept for resume
     dpo = training_args(cfg("method=dpo"), str(tmp_path / "b"), None)
     assert (dpo.learning_rate, dpo.num_train_epochs, dpo.lr_scheduler_type.value) == (5e-7, 1.0, "linear")
-    assert dpo.beta == 0.1
+    assert dpo.beta == 0.1 and dpo.loss_type == ["sigmoid"]  # DPO alone: dpo.yaml's pref_ftx is commented out
+    ftx = training_args(cfg("method=dpo", "sft_weight=0.1"), str(tmp_path / "d"), None)
+    assert ftx.loss_type == ["sigmoid", "sft"] and ftx.loss_weights == [1.0, 0.1]  # + 0.1 x NLL of the chosen
     tuned = training_args(cfg("method=dpo", "learning_rate=0.001", "max_steps=7", "beta=0.3"), str(tmp_path / "c"), None)
     assert (tuned.learning_rate, tuned.max_steps, tuned.beta) == (1e-3, 7, 0.3)
 

@@ -331,6 +331,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     beta: float = 0.1  # DPO temperature
+    # DPO: weight of an SFT (NLL) term on the chosen prompt beside the preference loss
+    # (LLaMA-Factory's pref_ftx; the official dpo.yaml leaves `pref_ftx: 0.1` commented out: 0).
+    sft_weight: float = 0.0
     # Tokens of a whole row (prompt + completion); official cutoff_len 2048 (src/config/sft.yaml,
     # dpo.yaml). LLaMA-Factory cuts longer rows; vpo_ray refuses them as a data error naming the row.
     max_length: int = 2048
@@ -379,10 +382,9 @@ class TrainConfig:
                     "logging_steps", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        if self.save_steps < 0:
-            raise ConfigError(f"save_steps: must be >= 0 (0 = no checkpoints), got {self.save_steps}")
-        if self.throughput_warmup_steps < 0:
-            raise ConfigError(f"throughput_warmup_steps: must be >= 0, got {self.throughput_warmup_steps}")
+        check_rules(self, (self.save_steps >= 0, "save_steps", "must be >= 0 (0 = no checkpoints)"),
+                    (self.throughput_warmup_steps >= 0, "throughput_warmup_steps", "must be >= 0"),
+                    (self.sft_weight >= 0, "sft_weight", "must be >= 0 (0 = DPO alone, the official recipe)"))
         if self.lora and self.weights == "random":
             raise ConfigError("lora: the merged export needs the base weights; use weights=pretrained")
         if self.packing and self.method != "sft":

@@ -113,7 +113,10 @@ def training_args(cfg: TrainConfig, output_dir: str, ds_config: Optional[dict]):
     )
     if cfg.method == "sft":
         return SFTConfig(packing=cfg.packing, **common)  # packing (bfd) is padding-free in TRL
-    return DPOConfig(beta=cfg.beta, precompute_ref_log_probs=cfg.precompute_ref_log_probs, **common)
+    # sft_weight > 0: TRL's "sft" loss is the token-mean NLL of the chosen completion, as pref_ftx's
+    preference = ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, cfg.sft_weight]} if cfg.sft_weight > 0
+                  else {})
+    return DPOConfig(beta=cfg.beta, precompute_ref_log_probs=cfg.precompute_ref_log_probs, **preference, **common)
 
 
 def lora_config(cfg: TrainConfig):
