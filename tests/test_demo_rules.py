@@ -28,6 +28,8 @@ def test_judge_rules(query, prompt, failed):
     ("a dancing fox", "a dancing fox" + r.STYLE),
     ("a bloody fox", "a sleeping fox" + r.STYLE),
     ("  a  Violent   robot. ", "a dancing robot" + r.STYLE),
+    ("an armed fox", "a glowing fox" + r.STYLE),  # the article follows the swapped word
+    ("armed fox", "glowing fox" + r.STYLE),
 ])
 def test_teacher_swaps_unsafe_words_and_adds_the_style(query, expected):
     assert r.rewrite(query) == expected

@@ -76,10 +76,13 @@ def judge(query: str, prompt: str) -> Verdict:
 
 
 def rewrite(query: str) -> str:
-    """The teacher's prompt for `query` (also the judge's refinement): unsafe words swapped, STYLE added."""
+    """The teacher's prompt for `query` (also the judge's refinement): unsafe words swapped (with
+    the article in front fitted: "an armed fox" -> "a glowing fox"), STYLE added."""
     text = " ".join(query.split())
     for bad, good in UNSAFE.items():
-        text = re.sub(rf"\b{bad}\b", good, text, flags=re.IGNORECASE)
+        article = "an " if good[0] in "aeiou" else "a "
+        text = re.sub(rf"\b(an? )?{bad}\b", lambda m: (article if m.group(1) else "") + good, text,
+                      flags=re.IGNORECASE)
     return text.rstrip(" ,.") + STYLE
 
 
