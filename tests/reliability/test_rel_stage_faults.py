@@ -108,3 +108,30 @@ def test_persistent_gpu_faults_become_error_rows_of_their_queries(dpo_reference,
 
     untouched = set(ref) - set(t.values())
     assert {q: got[q] for q in untouched} == {q: ref[q] for q in untouched}
+
+
+def _query(error=None, video=False) -> dict:
+    return {"rows": [], "error": error, "videos": [json.dumps({"video_uri": "v.mp4"})] if video else []}
+
+
+@pytest.mark.parametrize("ref, targets", [
+    # CUDA's undisturbed run: every query ran every stage, none found a pair (the tiny judge's answers tie)
+    ({"a": _query(("pairs", "no preference pair"), True), "b": _query(("pairs", "no preference pair"), True),
+      "c": _query(("pairs", "no preference pair"), True)}, {"render": "a", "video_judge": "b", "hang": "c"}),
+    ({"a": _query(None, True), "b": _query(None, True), "c": _query(("rewrite", "oom")), "d": _query()},
+     {"render": "a", "video_judge": "b", "hang": "d"}),
+    ({"a": _query(None, True), "b": _query(None, True), "c": _query(("critique", "hung"))}, None),
+    ({"a": _query(None, True), "b": _query()}, None),
+])
+def test_gpu_drill_aims_at_queries_that_ran_every_stage(ref, targets):
+    """The GPU drill's targets: two queries with videos, and a third that reached the judge; a query
+    whose only error is 'no pair' did. Too few: the error names the counts and the error rows' stages."""
+    from vpo_ray.bench.gpu_faults import _targets
+
+    if targets is not None:
+        assert _targets(ref) == targets
+        return
+    thin = r"too thin to aim at: \d queries with videos \(2 needed\), \d other queries"
+    with pytest.raises(RuntimeError, match=thin) as err:
+        _targets(ref)
+    assert "error rows by stage: " in str(err.value)

@@ -89,11 +89,20 @@ def _config(queries: str, out: str, cuda: bool):
 
 
 def _targets(ref: dict) -> dict:
+    """Query ids to aim at: two with rendered videos (render, video_judge) and one that ran through the
+    judge (hang). A query whose only error is at the pairs stage ran every stage: on CUDA the tiny
+    judge's answers for a prompt's two videos often tie, so most queries end without a pair."""
+    ran_through = {q for q, r in ref.items() if r["error"] is None or r["error"][0] == "pairs"}
     with_videos = sorted(q for q, r in ref.items() if any(json.loads(v).get("video_uri") for v in r["videos"]))
-    others = sorted(q for q, r in ref.items() if q not in with_videos[:2] and r["error"] is None)
+    others = sorted(ran_through - set(with_videos[:2]))
     if len(with_videos) < 2 or not others:
+        stages: dict[str, int] = {}
+        for r in ref.values():
+            if r["error"] is not None:
+                stages[r["error"][0]] = stages.get(r["error"][0], 0) + 1
         raise RuntimeError(f"the undisturbed run is too thin to aim at: {len(with_videos)} queries with videos "
-                           f"(2 needed), {len(others)} other queries without an error (1 needed), of {len(ref)}")
+                           f"(2 needed), {len(others)} other queries that ran every stage (1 needed), of "
+                           f"{len(ref)}; error rows by stage: {stages or 'none'}")
     return {"render": with_videos[0], "video_judge": with_videos[1], "hang": others[0]}
 
 
