@@ -99,6 +99,14 @@ def test_train_step_filters_on_step_and_last_rank(fault_env):
         faults.fire("train_step", step=3, rank=1, world=2)
 
 
+def test_due_says_what_fire_would_match_without_firing(fault_env):
+    assert not faults.due("train_step", step=3, rank=1, world=2)  # unset
+    folder = fault_env("train_step:exit,step=3,rank=last,times=1")
+    assert faults.due("train_step", step=3, rank=1, world=2)
+    assert not faults.due("train_step", step=3, rank=0, world=2) and not faults.due("render", rows=["q"])
+    assert faults.fired(folder) == []  # asking claims no slot
+
+
 def test_times_counts_firings_over_processes(fault_env, tmp_path):
     """`exit` with times=2: the first two processes die, the third runs through."""
     folder = fault_env("rewrite:exit,times=2")

@@ -79,13 +79,19 @@ def test_training_moves_the_implicit_reward_margin_toward_the_chosen_videos(runs
     assert (root / "clean" / "loss.png").stat().st_size > 0
 
 
-def test_killed_worker_resumes_and_ends_where_an_undisturbed_run_ends(runs):
-    """The last worker dies at step 3; the group restarts from checkpoint 2 and ends bit-identical."""
+def test_killed_worker_resumes_and_ends_where_an_undisturbed_run_ends(runs, monkeypatch):
+    """The last worker dies at step 3 (the shared VPO_FAULTS hook, as in every other drill); the group
+    restarts from checkpoint 2 and ends bit-identical."""
     from safetensors.torch import load_file
 
+    from vpo_ray import faults
+
     root, clean = runs
-    faulty = train(root / "set", root / "faulty", fault_step=3, max_failures=1)
-    assert (root / "faulty" / ".fault_injected").read_text().startswith("killed at step 3")
+    monkeypatch.setenv(faults.ENV, "train_step:exit,step=3,rank=last,times=1")
+    monkeypatch.setenv(faults.DIR_ENV, str(root / "fired"))
+    faulty = train(root / "set", root / "faulty", max_failures=1)
+    fired = faults.fired(str(root / "fired"))
+    assert [(f["point"], f["action"], f["step"], f["rank"]) for f in fired] == [("train_step", "exit", 3, 1)]
     assert faulty["resumed_from"].endswith("checkpoint_00000002"), "the restart resumed, it did not start over"
     a = load_file(root / "clean" / "lora" / "pytorch_lora_weights.safetensors")
     b = load_file(root / "faulty" / "lora" / "pytorch_lora_weights.safetensors")

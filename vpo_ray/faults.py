@@ -179,6 +179,14 @@ def fire(point: str, rows: Sequence[str] = (), step: Optional[int] = None, rank:
                 _act(fault)
 
 
+def due(point: str, rows: Sequence[str] = (), step: Optional[int] = None, rank: Optional[int] = None,
+        world: Optional[int] = None) -> bool:
+    """Whether a VPO_FAULTS spec matches this call (what `fire` would look at), without firing it:
+    for a caller that must first reach a state the drill is about (a registered checkpoint)."""
+    return bool(os.environ.get(ENV)) and any(f.matches(point, [str(r) for r in rows], step, rank, world)
+                                             for f in active())
+
+
 def _claim(fault: Fault, context: dict) -> bool:
     """Record this firing; False when a `times=` fault has used all its slots."""
     folder = os.environ.get(DIR_ENV)

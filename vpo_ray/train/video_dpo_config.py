@@ -61,7 +61,7 @@ class VideoDPOConfig:
     deepspeed_stage: int = 2  # 0 = DeepSpeed data parallel without ZeRO, 2 or 3 = ZeRO stage
     precision: str = "fp32"  # fp32 | bf16 (DeepSpeed bf16: bf16 weights, fp32 master copy in the optimizer)
     gradient_checkpointing: bool = True  # recompute block activations in backward (video tokens: ~17k a clip)
-    # -- checkpoints, logs, faults
+    # -- checkpoints, logs
     save_steps: int = 50  # checkpoint to Ray storage every N optimizer steps, and at the end
     keep_checkpoints: int = 2  # Ray Train keeps this many latest checkpoints
     logging_steps: int = 1
@@ -69,7 +69,6 @@ class VideoDPOConfig:
     resume_from: Optional[str] = None  # a checkpoint dir (Ray layout) to resume from
     run_name: Optional[str] = None  # Ray Train run under out/ray_results; None = video-dpo. Same out+name resumes
     storage_path: Optional[str] = None  # Ray Train storage (dir or URI); None = out/ray_results
-    fault_step: int = -1  # chaos drill: the last worker exits once at this step, before its checkpoint
     seed: int = 0  # data order, noise and timesteps (per step and rank: a resumed run draws the same)
     ray: RayConfig = RayConfig()
 

@@ -25,12 +25,11 @@ import tempfile
 import time
 from typing import Optional
 
-from vpo_ray import storage
+from vpo_ray import faults, storage
 from vpo_ray.train.video_dpo_config import VideoDPOConfig
 
 CKPT_TAG = "state"  # DeepSpeed's tag (sub-folder) inside each reported checkpoint
 STATE_FILE = "video_dpo_state.json"  # step and epoch, beside the DeepSpeed files
-FAULT_MARKER = ".fault_injected"
 
 
 # ---------------------------------------------------------------------------- data order
@@ -278,28 +277,22 @@ def export(state: dict, cfg: VideoDPOConfig, model_path: str, local_root: str) -
     _put_dir(model_dir, storage.join(cfg.out, "model"))
 
 
-def crash_once(cfg: VideoDPOConfig, step: int, saved: int) -> None:
-    """Chaos drill (cfg.fault_step): this worker exits once, like a lost node, at `step`.
-
-    It first waits until Ray Train has registered the last checkpoint (`saved`): the
-    controller collects reports every few seconds and a worker that dies in between takes
-    its report with it, which would make the drill test a fresh start instead of a resume.
-    """
+def wait_until_registered(saved: int) -> None:
+    """Block until Ray Train has registered checkpoint `saved`. A train_step drill (VPO_FAULTS) waits
+    for it before killing this worker: the controller collects reports every few seconds and a worker
+    that dies in between takes its report with it, which would make the drill test a fresh start
+    instead of a resume."""
     import ray.train
 
-    marker = storage.join(cfg.out, FAULT_MARKER)
-    if storage.exists(marker):
+    if not saved:
         return
-    if saved:
-        run = ray.train.get_context().get_storage()
-        snapshot = os.path.join(run.experiment_fs_path, "checkpoint_manager_snapshot.json")
-        deadline = time.monotonic() + 300
-        while f"checkpoint_{saved:08d}" not in _read_or_empty(run.storage_filesystem, snapshot):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"fault drill: checkpoint {saved} was never registered in {snapshot}")
-            time.sleep(0.2)
-    storage.write_text(marker, f"killed at step {step} (last checkpoint: step {saved})\n")
-    os._exit(1)
+    run = ray.train.get_context().get_storage()
+    snapshot = os.path.join(run.experiment_fs_path, "checkpoint_manager_snapshot.json")
+    deadline = time.monotonic() + 300
+    while f"checkpoint_{saved:08d}" not in _read_or_empty(run.storage_filesystem, snapshot):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"fault drill: checkpoint {saved} was never registered in {snapshot}")
+        time.sleep(0.2)
 
 
 def _read_or_empty(fs, path: str) -> str:
@@ -393,8 +386,9 @@ def train_worker(config: dict) -> None:
                "pairs_per_second": round(pairs_per_step / (time.perf_counter() - t_step), 4)}
         if rank == 0 and ((step + 1) % cfg.logging_steps == 0 or step + 1 == steps):
             append_metrics(metrics_uri, row)
-        if step + 1 == cfg.fault_step and rank == ctx["world"] - 1:
-            crash_once(cfg, step + 1, saved)
+        if faults.due("train_step", step=step + 1, rank=rank, world=ctx["world"]):
+            wait_until_registered(saved)
+            faults.fire("train_step", step=step + 1, rank=rank, world=ctx["world"])
         if (step + 1) % cfg.save_steps == 0 or step + 1 == steps:
             save_checkpoint(engine, cfg, step + 1, epoch, row, rank)
             saved = step + 1
