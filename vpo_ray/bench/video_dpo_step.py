@@ -169,7 +169,8 @@ def plot_record(rec: dict, png: str) -> None:
     done = {k: r for k, r in rec["runs"].items() if "error" not in r}
     groups = {k: {"pairs/s": r.get("pairs_per_s"), "pairs/s per GPU": r.get("pairs_per_s_per_gpu")}
               for k, r in done.items()}
-    note = "MFU " + ", ".join(f"{k} {r['mfu']:.2f}" for k, r in done.items() if r.get("mfu") is not None)
+    mfu = ", ".join(f"{k} {r['mfu']:.2f}" for k, r in done.items() if r.get("mfu") is not None)
+    note = f"MFU {mfu}" if mfu else "MFU: no datasheet peak for this device"
     plot_bars(f"video Diffusion-DPO step, {rec['preset']} on {rec['device']['name']}", groups, "pairs / s",
               png, note=note)
 
