@@ -70,3 +70,19 @@ def test_preset_job_defaults_reach_every_generate_stage_and_user_settings_win(tm
     assert [g.kind for g in gens] == ["sft", "dpo"]
     assert preset_job_defaults("paper") == {}
     assert all(g.video == GenerateConfig().video for g in run("paper"))  # no defaults: the paper's
+
+
+@pytest.mark.parametrize("gen, named", [
+    ({"output_rows": 0, "errors": 39, "errors_by_reason": {"pairs: no preference pair (4 videos)": 39}},
+     ["round 1: the dpo set in", "39 x pairs: no preference pair", "A DPO set has no pair when"]),
+    ({"output_rows": 0, "errors": 0}, ["round 1: the dpo set in", "none recorded"]),
+])
+def test_a_round_without_rows_stops_naming_the_round_and_why(tmp_path, gen, named):
+    """An empty set stops the loop before its training starts, with the round, the set and the reasons."""
+    from vpo_ray.train.data import DataError
+    from vpo_ray.train.loop import _trainable
+
+    assert _trainable(str(tmp_path), 1, "dpo", {"output_rows": 3}) == str(tmp_path)
+    with pytest.raises(DataError) as err:
+        _trainable(str(tmp_path), 1, "dpo", gen)
+    assert all(part in str(err.value) for part in named), str(err.value)

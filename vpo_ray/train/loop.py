@@ -157,7 +157,7 @@ def run_loop(rounds: int, queries: str, out: str, preset: str = "tiny", override
             log.info("round %d: building the %s set with %s", k, kind, optimizer or f"the {preset} optimizer")
             gen = generate_fn(gen_cfg(kind, data_dir, optimizer, t2v))
         history.append({"round": k, "kind": kind, "data": data_dir, "t2v": t2v, "generate": _brief(gen)})
-        return data_dir
+        return _trainable(data_dir, k, kind, gen)
 
     optimizer, t2v = stage("sft", 0, build("sft", 0, None), None), None
     for k in range(1, rounds + 1):
@@ -181,6 +181,21 @@ def _stage_functions(generate_fn, train_fn, video_train_fn) -> tuple:
     if video_train_fn is None:
         from vpo_ray.train.video_dpo import train_video_dpo as video_train_fn
     return generate_fn, train_fn, video_train_fn
+
+
+def _trainable(data_dir: str, k: int, kind: str, gen: dict) -> str:
+    """`data_dir`, or a DataError naming the round and why its set has no row to train on (from its summary)."""
+    from vpo_ray.train.data import DataError
+
+    if gen.get("output_rows", 1) > 0:
+        return data_dir
+    reasons = sorted((gen.get("errors_by_reason") or {}).items(), key=lambda item: -item[1])[:3]
+    why = "; ".join(f"{n} x {reason}" for reason, n in reasons) or "none recorded"
+    hint = (" A DPO set has no pair when every sampled prompt passes the judge and no video pair clears"
+            f" pair_margin: sample more (num_samples, sampling.temperature), or take round {k - 1}'s optimizer"
+            " as the result." if kind == "dpo" else "")
+    raise DataError(f"round {k}: the {kind} set in {data_dir} has no rows to train on; error rows "
+                    f"({gen.get('errors', 0)}, {storage.join(data_dir, 'errors.jsonl')}): {why}.{hint}")
 
 
 def _brief(gen: dict) -> dict:
