@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from vpo_ray.sampling import row_sampler, row_uniforms, sample_rows
+from vpo_ray.sampling import row_sampler, row_uniforms, sample_rows, sample_rows_top_k
 
 
 def test_uniforms_do_not_depend_on_the_batch_and_spread_over_0_1():
@@ -70,3 +70,37 @@ def test_hf_logits_processor_draws_what_sample_rows_draws():
 def test_out_of_range_seeds_are_folded_into_63_bits(bad_seed):
     proc = row_sampler([1.0], [1.0], [bad_seed], "cpu")
     assert 0 <= int(proc.seeds[0]) < 2**63
+
+
+def test_top_k_prefilter_draws_the_full_sorts_tokens_and_names_the_rows_it_cannot_decide():
+    """Rows of every shape: flat (the nucleus reaches past k), peaked, ties across the k-th token,
+    greedy rows; many seeds, steps and top_p values. Decided rows draw the full sort's token;
+    `sample_rows(top_k=...)` (pre-filter, full sort where undecided) equals the full sort everywhere."""
+    gen = torch.Generator().manual_seed(0)
+    decided = undecided = 0
+    for scale in (0.5, 2.0, 5.0, 10.0):  # flat -> peaked
+        for top_p in (0.3, 0.9, 0.95, 1.0):
+            logits = torch.randn(256, 1000, generator=gen) * scale
+            logits[:40, :200] = logits[:40, :200].round()  # many equal values, some at the 64th place
+            temps = torch.full((256,), 0.9)
+            temps[:4] = 0.0
+            tops, seeds = torch.full((256,), top_p), torch.arange(256) * 7 + int(scale * 100)
+            steps = torch.arange(256) % 13
+            full = sample_rows(logits, temps, tops, seeds, steps)
+            fast, open_rows = sample_rows_top_k(logits, temps, tops, seeds, steps, top_k=64)
+            assert torch.equal(fast[~open_rows], full[~open_rows]), (scale, top_p)
+            assert torch.equal(sample_rows(logits, temps, tops, seeds, steps, top_k=64), full)
+            assert not open_rows[:4].any()  # greedy rows need no sort
+            decided += int((~open_rows).sum())
+            undecided += int(open_rows.sum())
+    assert decided > 1000 and undecided > 1000  # both paths were exercised
+
+
+def test_top_k_prefilter_leaves_rows_undecided_when_the_nucleus_may_reach_past_k():
+    # top_k=3, top_p=0.85; the k-th kept token is a sentinel: a token outside may tie with it
+    probs = torch.tensor([[0.5, 0.3, 0.1, 0.05, 0.03, 0.02],  # 3rd kept (0.8 above it): the nucleus may go on
+                          [0.6, 0.3, 0.05, 0.03, 0.01, 0.01],  # 0.9 above the 3rd: decided within the top 2
+                          [0.4, 0.2, 0.1, 0.1, 0.1, 0.1]])  # 3rd kept and tied with tokens outside: which one?
+    _, open_rows = sample_rows_top_k(probs.log(), torch.ones(3), torch.full((3,), 0.85), torch.arange(3),
+                                     torch.zeros(3, dtype=torch.long), top_k=3)
+    assert open_rows.tolist() == [True, False, True]

@@ -56,7 +56,7 @@ def row_uniforms(seeds, steps):
     return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
-def sample_rows(logits, temperatures, top_ps, seeds, steps):
+def sample_rows(logits, temperatures, top_ps, seeds, steps, top_k: int = 0):
     """One token id per row: temperature + nucleus (top-p) sampling by inverse CDF over the
     probabilities sorted high to low, with the row's counter-based uniform; greedy where the
     temperature is 0.
@@ -64,21 +64,81 @@ def sample_rows(logits, temperatures, top_ps, seeds, steps):
     logits (B, V) any float dtype; temperatures, top_ps (B,) float32; seeds, steps (B,) int64.
     A token stays in the nucleus while the mass ranked strictly above it is < top_p (so at
     least one token always stays). Ties keep vocabulary order (stable sort).
+
+    `top_k` > 0 runs the top-k pre-filter (`sample_rows_top_k`) and takes the full sort's
+    token for the rows it cannot decide: the same tokens, with both computed (for eager calls;
+    the decoder's step sorts only the rows that need it).
     """
     import torch
 
-    greedy = logits.argmax(dim=-1)
+    probs, u = _probs_and_uniforms(logits, temperatures, seeds, steps)
+    chosen = _sample_sorted(probs, top_ps, u)
+    if top_k and top_k < probs.shape[-1]:
+        fast, undecided = _sample_top_k(probs, top_ps, u, top_k)
+        chosen = torch.where(undecided, chosen, fast)
+    return torch.where(temperatures > 0, chosen, logits.argmax(dim=-1))
+
+
+def sample_rows_top_k(logits, temperatures, top_ps, seeds, steps, top_k: int):
+    """(token ids, undecided) per row without the full-vocabulary sort: top-p within the `top_k`
+    most likely tokens. Where the row's nucleus may reach past them (it keeps a token whose
+    probability equals the k-th's: tokens outside may tie with it, and past it the mass is
+    unknown), `undecided` is True and the token is not valid: the caller takes
+    `sample_rows(...)` for that row. Elsewhere the token is exactly the full sort's: the kept
+    probabilities are the full sort's first entries in the same order (ties by vocabulary
+    index), and their running sums are the same prefix sums (CPU sums in order; on CUDA the
+    scan over k instead of V entries may round a sum's last bit differently, so a draw that
+    lands on a boundary can pick the neighbouring token, as bf16 batching already may).
+    Fixed shapes, no host sync: capturable in a CUDA graph.
+    """
+    import torch
+
+    probs, u = _probs_and_uniforms(logits, temperatures, seeds, steps)
+    chosen, undecided = _sample_top_k(probs, top_ps, u, min(top_k, probs.shape[-1]))
+    greedy = temperatures <= 0
+    return torch.where(greedy, logits.argmax(dim=-1), chosen), undecided & ~greedy
+
+
+def _probs_and_uniforms(logits, temperatures, seeds, steps):
+    import torch
+
     scaled = logits.float() / temperatures.clamp_min(1e-6)[:, None]
-    probs = torch.softmax(scaled, dim=-1)
+    return torch.softmax(scaled, dim=-1), row_uniforms(seeds, steps)
+
+
+def _sample_sorted(probs, top_ps, u):
+    """The full path: every probability sorted high to low (stable), then the nucleus draw."""
+    import torch
+
     sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    pick, _ = _nucleus_pick(sorted_p, top_ps, u)
+    return order.gather(-1, pick).squeeze(-1)
+
+
+def _sample_top_k(probs, top_ps, u, k: int):
+    """The nucleus draw within the k largest probabilities, ordered as the stable full sort orders them."""
+    import torch
+
+    vals, idx = torch.topk(probs, k, dim=-1, sorted=True)
+    idx, by_index = torch.sort(idx, dim=-1)  # topk leaves ties in any order: vocabulary order first,
+    vals, order = torch.sort(vals.gather(-1, by_index), dim=-1, descending=True, stable=True)  # then stable by value
+    pick, keep = _nucleus_pick(vals, top_ps, u)
+    undecided = (keep & (vals == vals[:, -1:])).any(-1)  # kept a token tied with the k-th (or all k kept)
+    return idx.gather(-1, order.gather(-1, pick)).squeeze(-1), undecided
+
+
+def _nucleus_pick(sorted_p, top_ps, u):
+    """(index into `sorted_p` drawn by inverse CDF over the nucleus (B, 1), nucleus mask (B, N))."""
+    import torch
+
     cum = torch.cumsum(sorted_p, dim=-1)
-    sorted_p = torch.where(cum - sorted_p < top_ps[:, None], sorted_p, torch.zeros_like(sorted_p))
-    cum = torch.cumsum(sorted_p, dim=-1)
-    target = row_uniforms(seeds, steps) * cum[:, -1]
-    # right=True: the first index whose cumulative mass exceeds the target, never a zero-mass token
-    pick = torch.searchsorted(cum, target[:, None], right=True).clamp_(max=cum.shape[-1] - 1)
-    chosen = order.gather(-1, pick).squeeze(-1)
-    return torch.where(temperatures > 0, chosen, greedy)
+    keep = cum - sorted_p < top_ps[:, None]
+    cum = torch.cumsum(torch.where(keep, sorted_p, torch.zeros_like(sorted_p)), dim=-1)
+    target = u * cum[:, -1]
+    # right=True: the first index whose cumulative mass exceeds the target. u * total can round up
+    # to the total itself: then the last kept token, never a zero-mass one past the nucleus.
+    pick = torch.searchsorted(cum, target[:, None], right=True)
+    return torch.minimum(pick, (keep.sum(-1, keepdim=True) - 1).clamp_min(0)), keep
 
 
 def row_sampler_class():
