@@ -100,3 +100,28 @@ def test_fused_weights_leave_the_hf_model_working_without_copies():
     assert torch.equal(before, after)
     attn = model.model.layers[0].self_attn
     assert attn.k_proj.weight.data_ptr() == w.layers[0].wqkv[attn.q_proj.out_features:].data_ptr()
+
+
+def test_top_k_step_draws_the_full_sorts_tokens_when_undecided_rows_wait_for_it():
+    """The step sorts the whole vocabulary for at most `fallback_rows` rows; other undecided rows
+    wait a step. Tokens equal the full sort's step for step."""
+    model = _tiny("llama")
+    w = DecoderWeights(model)
+    prompts = [[5, 6, 7, 8], [3, 4], [20, 21, 22], [40, 41, 42, 43, 44]]
+    ids = torch.tensor([p + [0] * (5 - len(p)) for p in prompts])
+
+    def run(top_k: int):
+        batch = DecodeBatch(w, slots=4, max_len=64, max_new=16, eos_ids=[], top_k=top_k)
+        # low temperatures make peaked rows the pre-filter decides (the random model is flat: the others)
+        batch.admit([0, 1, 2, 3], ids, torch.tensor([len(p) for p in prompts]), torch.arange(4) + 7,
+                    torch.tensor([0.02, 0.05, 1.0, 1.0]), torch.tensor([0.3, 0.6, 0.9, 1.0]),
+                    torch.full((4,), 16), None)
+        while True:
+            batch.fallback_rows = 1  # (a host check would widen it): undecided rows queue for the sort
+            batch.run(64, 3)
+            if not any(batch.snapshot()[0]):
+                return batch
+    with torch.inference_mode():
+        full, fast = run(0), run(8)
+    assert torch.equal(fast.out, full.out)
+    assert int(fast.waited) > 0 and 0 < int(fast.full_sorted) < 4 * 15  # both paths ran, rows waited

@@ -100,11 +100,57 @@ def test_a_row_does_not_depend_on_batch_slot_refill_or_waves(engine):
     msgs, seeds, limits = [_msgs(t) for t in ROWS], [11, 12, 13, 14, 15], [14, 5, 9, 14, 3]
     alone = [engine.generate([m], [s], sampling, max_new_tokens=[lim])[0] for m, s, lim in zip(msgs, seeds, limits)]
     for cfg in ({"max_batch_rows": 2, "sync_every": 3},  # rows wait, then fill slots that others freed
+                {"max_batch_rows": 2, "sync_every": 3, "refill_every_check": False, "refill_min_free": 2},
+                {"max_batch_rows": 2, "sync_every": 2, "prefill_chunk_tokens": 8},  # prompts cached piece by piece
                 {"max_batch_rows": 8, "continuous": False},  # one wave
                 {"max_batch_rows": 2, "continuous": False, "prefill_tokens": 16}):  # waves, one-row prefills
         e = _engine(**cfg)
         assert e.generate(msgs, seeds, sampling, max_new_tokens=limits) == alone, cfg
     assert e.stats["prefill_batches"] >= 3 and e.stats["slots"] == 2
+
+
+def test_queued_rows_take_free_slots_at_every_check_shortest_prompt_first(engine):
+    sampling = SamplingConfig(max_new_tokens=14, temperature=0.9, top_p=0.95)
+    msgs = [_msgs(t) for t in ROWS] + [_msgs(t + ", seen from above") for t in ROWS]
+    seeds, limits = list(range(40, 50)), [3, 14, 5, 9, 2, 11, 4, 7, 13, 6]
+    lengths = [len(p) for p in engine.prompt_ids(msgs)]
+    runs = {}
+    for every_check in (True, False):
+        e = _engine(max_batch_rows=4, sync_every=2, refill_every_check=every_check, refill_min_free=3)
+        runs[every_check] = (e.generate(msgs, seeds, sampling, max_new_tokens=limits), e.stats["admitted_at_check"],
+                             e.stats["decode_steps"])
+    assert runs[True][0] == runs[False][0]  # a row's text does not depend on when it got a slot
+    for _, admitted, _ in runs.values():  # the queue is served shortest prompt first
+        in_queue_order = [admitted[i] for i in sorted(range(10), key=lambda i: lengths[i])]
+        assert in_queue_order == sorted(in_queue_order)
+    every, waiting = runs[True][1], runs[False][1]
+    assert all(a <= b for a, b in zip(every, waiting)) and every != waiting  # no row later, some earlier
+    assert runs[True][2] < runs[False][2]  # fuller slots: fewer decode steps for the same rows
+
+
+def test_chunked_prefill_generates_what_whole_prompt_prefill_does_while_others_decode(engine):
+    sampling = SamplingConfig(max_new_tokens=12, temperature=0.9, top_p=0.95)
+    msgs, seeds, limits = [_msgs(t) for t in ROWS], [21, 22, 23, 24, 25], [12, 3, 8, 12, 5]
+    whole = _engine(max_batch_rows=2, sync_every=2).generate(msgs, seeds, sampling, max_new_tokens=limits)
+    e = _engine(max_batch_rows=2, sync_every=2, prefill_chunk_tokens=8)
+    assert e.generate(msgs, seeds, sampling, max_new_tokens=limits) == whole
+    s = e.stats
+    assert min(len(p) for p in e.prompt_ids(msgs)) > 8  # so every prompt took several pieces
+    assert s["prefill_batches"] >= 2 * len(ROWS) and s["prefill_tokens"] == sum(len(p) for p in e.prompt_ids(msgs))
+    # some row began decoding checks after it got its slot: its pieces ran between other rows' decode runs
+    assert any(b > a for a, b in zip(s["admitted_at_check"], s["started_at_check"]))
+
+
+def test_top_k_prefilter_generates_what_the_full_sort_does():
+    sampling = SamplingConfig(max_new_tokens=10, temperature=0.7, top_p=0.9)
+    msgs, seeds = [_msgs(t) for t in ROWS], [5, 6, 7, 8, 9]
+    full = _engine(sampler_top_k=0).generate(msgs, seeds, sampling)
+    sorted_share = {}
+    for k in (64, 4000):  # of a 4096-token vocabulary: the tiny random model is flat, so 64 never decides
+        e = _engine(sampler_top_k=k, max_batch_rows=2)
+        assert e.generate(msgs, seeds, sampling) == full, k
+        sorted_share[k] = e.stats["sampler_full_sort_tokens"] / (e.stats["sampled_tokens"] - len(msgs))
+    assert sorted_share[64] == 1.0 and sorted_share[4000] < 0.5
 
 
 def test_static_backend_generates_what_hf_generate_does():

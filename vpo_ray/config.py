@@ -12,6 +12,7 @@ from typing import Optional
 
 from vpo_ray.config_loader import (ConfigError, _build, given_keys, load_config,  # noqa: F401 (re-exported)
                                    load_config_with_defaults, parse_override, read_yaml_mapping, replace, to_dict)
+from vpo_ray.llm_engine_config import LLMEngineConfig  # noqa: F401 (re-exported; generate jobs' llm_engine)
 
 
 def check_rules(cfg: object, *rules: tuple[bool, str, str]) -> None:
@@ -132,31 +133,6 @@ class PlacementConfig:
             raise ConfigError("placement.gpus must be >= 0 and placement.side_actors >= 1")
         if not 0.0 < self.memory_headroom <= 1.0 or self.wait_log_every_s <= 0:
             raise ConfigError("placement.memory_headroom must lie in (0, 1] and wait_log_every_s be > 0")
-
-
-@dataclass(frozen=True)
-class LLMEngineConfig:
-    """How the local LLM engine (vpo_ray.pipeline.llm_engine) batches and decodes."""
-    # auto: own static-cache decoder for llama/qwen2/mistral, HF generate otherwise | static | hf
-    backend: str = "auto"
-    max_batch_rows: int = 256  # rows decoded at once (KV-cache slots); fewer when the cache would not fit
-    kv_cache_fraction: float = 0.9  # share of the GPU memory free after loading that slots may take
-    cuda_graphs: bool = True  # capture the decode step once per KV-length bucket (CUDA only)
-    compile: bool = False  # torch.compile the per-layer pieces and the sampler (fuses norms, rotary, SiLU)
-    kv_bucket: int = 256  # decode attention reads the cache up to the next multiple of this past the longest row
-    continuous: bool = True  # refill finished rows' slots mid-run; False = waves (a batch drains before the next)
-    refill_min_free: int = 0  # free slots that trigger a refill prefill; 0 = max(1, slots // 8)
-    sync_every: int = 8  # decode steps between host checks (finished rows, stop strings)
-    prefill_tokens: int = 16384  # tokens (rows x longest row) in one prefill or verdict batch
-
-    def __post_init__(self) -> None:
-        if self.backend not in ("auto", "static", "hf"):
-            raise ConfigError(f"backend: expected auto | static | hf, got {self.backend!r}")
-        for key in ("max_batch_rows", "kv_bucket", "sync_every", "prefill_tokens"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        if not 0 < self.kv_cache_fraction <= 1:
-            raise ConfigError(f"kv_cache_fraction: must be in (0, 1], got {self.kv_cache_fraction}")
 
 
 @dataclass(frozen=True)

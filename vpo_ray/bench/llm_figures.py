@@ -95,18 +95,26 @@ def decode_figures(eng, outs: list, wall: float, ceil: dict, device: str) -> dic
                bandwidth_util_datasheet=_r(achieved / (peak * 1e3)) if peak else None,
                bandwidth_util_measured=_r(achieved / ceil["copy_gbps_measured"]) if ceil.get("copy_gbps_measured") else None,
                bound_tok_s_at_batch=_r(live / (step_bytes / (peak * 1e12)), 1) if peak else None,
-               sampler_ms=sampler_ms(s["slots"], w.vocab, device))
+               sampler_ms=sampler_ms(s["slots"], w.vocab, device),
+               sampler_top_k_ms=sampler_ms(s["slots"], w.vocab, device, top_k=eng.cfg.sampler_top_k),
+               # tokens the top-k pre-filter left to the full sort (flat random-weight distributions: most)
+               sampler_full_sort_share=_r(s.get("sampler_full_sort_tokens", 0) / max(1, s["sampled_tokens"] - len(outs))),
+               sampler_waited_row_steps=s.get("sampler_waited_row_steps", 0))
     return fig
 
 
-def sampler_ms(rows: int, vocab: int, device: str, iters: int = 10) -> Optional[float]:
-    """Milliseconds of one `sample_rows` call at (rows, vocab) (full-vocabulary sort for top-p), median."""
+def sampler_ms(rows: int, vocab: int, device: str, iters: int = 10, top_k: int = 0) -> Optional[float]:
+    """Milliseconds of one `sample_rows` call at (rows, vocab) (full-vocabulary sort for top-p), median;
+    with `top_k`, of the top-k pre-filter alone (`sample_rows_top_k`, no fallback rows)."""
+    import functools
+
     import torch
 
-    from vpo_ray.sampling import sample_rows
+    from vpo_ray.sampling import sample_rows, sample_rows_top_k
 
-    if not device.startswith("cuda"):
+    if not device.startswith("cuda") or (top_k and top_k >= vocab):
         return None
+    sample = functools.partial(sample_rows_top_k, top_k=top_k) if top_k else sample_rows
     logits = torch.randn(rows, vocab, device=device, dtype=torch.bfloat16)
     args = (torch.full((rows,), 0.9, device=device), torch.full((rows,), 0.95, device=device),
             torch.arange(rows, device=device), torch.zeros(rows, dtype=torch.int64, device=device))
@@ -114,7 +122,7 @@ def sampler_ms(rows: int, vocab: int, device: str, iters: int = 10) -> Optional[
     for i in range(iters + 2):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        sample_rows(logits, *args)
+        sample(logits, *args)
         end.record()
         end.synchronize()
         if i >= 2:

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from vpo_ray.sampling import sample_rows
+from vpo_ray.sampling import sample_rows, sample_rows_top_k
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,14 @@ def causal_attention(q, k, v):
     if rep > 1:
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def cached_attention(q, k, v, mask):
+    """A prompt piece's queries against its rows' cached keys (earlier pieces + this one), `mask` (n, 1, c, kv)."""
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def decode_attention(q, k_cache, v_cache, pos, kv_len: int):
@@ -224,6 +232,29 @@ class DecoderWeights:
         last = x[torch.arange(n, device=x.device), lengths - 1]
         return _logits(last, self.norm_w, self.norm_eps, self.lm_w, self.lm_b)
 
+    def piece_logits(self, ids, starts, ends, cache: "SlotCache", slots):
+        """Prefill the next piece of prompts already cached up to `starts` (chunked prefill):
+        ids (n, c) right-padded go to positions starts.. of their slots; logits (n, V) at each
+        row's last piece token (position ends - 1). A row's padding lands past its piece, where
+        nothing reads it before the row's own later tokens overwrite it."""
+        n, c = ids.shape
+        max_len = cache.k[0].shape[2]
+        pos = (starts[:, None] + torch.arange(c, device=ids.device)).clamp_(max=max_len - 1)
+        kv_len = min(max_len, int(starts.max()) + c)
+        cos, sin = self.rope_tables(max_len)
+        cos, sin = cos[pos], sin[pos]
+        mask = (torch.arange(kv_len, device=ids.device)[None, None, :] <= pos[:, :, None])[:, None]
+        x = F.embedding(ids, self.embed)
+        for i, lw in enumerate(self.layers):
+            q, k, v = attn_in(x, lw.ln1, lw.eps, lw.wqkv, lw.bqkv, cos, sin, self.n_heads, self.n_kv, self.head_dim)
+            cache.k[i][slots[:, None], :, pos] = k.transpose(1, 2)
+            cache.v[i][slots[:, None], :, pos] = v.transpose(1, 2)
+            o = cached_attention(q, cache.k[i][slots, :, :kv_len], cache.v[i][slots, :, :kv_len], mask)
+            x = attn_out_mlp(x, o.transpose(1, 2).reshape(n, c, -1), lw.wo, lw.bo, lw.ln2, lw.eps,
+                             lw.wgu, lw.bgu, lw.wd, lw.bd)
+        last = x[torch.arange(n, device=x.device), ends - starts - 1]
+        return _logits(last, self.norm_w, self.norm_eps, self.lm_w, self.lm_b)
+
 
 def _logits(h, norm_w, eps: float, lm_w, lm_b):
     return F.linear(rms_norm(h, norm_w, eps), lm_w, lm_b).float()
@@ -236,9 +267,11 @@ class StepFns:
     attn_out_mlp: object
     logits: object
     sample: object
+    sample_top_k: object
 
 
-EAGER = StepFns(attn_in=attn_in, attn_out_mlp=attn_out_mlp, logits=_logits, sample=sample_rows)
+EAGER = StepFns(attn_in=attn_in, attn_out_mlp=attn_out_mlp, logits=_logits, sample=sample_rows,
+                sample_top_k=sample_rows_top_k)
 
 
 @functools.lru_cache(maxsize=1)
@@ -249,7 +282,8 @@ def compiled_fns() -> StepFns:
     of wrappers per process: a new slot batch of the same size reuses what was compiled."""
     def c(fn):
         return torch.compile(fn, dynamic=False, fullgraph=True)
-    return StepFns(attn_in=c(attn_in), attn_out_mlp=c(attn_out_mlp), logits=c(_logits), sample=c(sample_rows))
+    return StepFns(attn_in=c(attn_in), attn_out_mlp=c(attn_out_mlp), logits=c(_logits), sample=c(sample_rows),
+                   sample_top_k=c(sample_rows_top_k))
 
 
 @dataclass
@@ -281,10 +315,16 @@ class DecodeBatch:
     feeds each slot's last token, samples the next one and updates the buffers in place;
     rows that hit EOS or their limit turn inactive by themselves, so `run` can repeat the
     step (or replay its CUDA graph) `n` times without asking the host.
+
+    With `top_k`, the step samples through the top-k pre-filter and sorts the whole vocabulary
+    only for rows it leaves undecided, at most `fallback_rows` of them (a fixed shape, so the
+    step stays one graph per (KV bucket, fallback_rows)); further undecided rows wait a step,
+    which recomputes the same logits for them. Each host check sets `fallback_rows` to the next
+    power of two at or above twice the most undecided rows seen in one step since the last check.
     """
 
     def __init__(self, w: DecoderWeights, slots: int, max_len: int, max_new: int, eos_ids: list[int],
-                 cuda_graphs: bool = True, compile: bool = False):
+                 cuda_graphs: bool = True, compile: bool = False, top_k: int = 0):
         self.w, self.slots, self.max_len, self.max_new = w, slots, max_len, max_new
         self.pinned = False  # kept for calls that need fewer slots (LLMEngine.prepare)
         dev = w.device
@@ -301,10 +341,15 @@ class DecodeBatch:
         self.has_eos = bool(eos_ids)  # known on the host: nothing in the step may read the device
         self.rows = torch.arange(slots, device=dev)
         self.kv_reads = torch.zeros((), dtype=torch.int64, device=dev)  # live K/V positions read, summed over steps
+        self.top_k = top_k if 0 < top_k < w.vocab else 0  # k >= vocabulary: the full sort is no slower
+        self.fallback_rows = slots  # rows the step may fully sort (adapted at host checks)
+        self.fallback_peak = torch.zeros((), dtype=torch.int64, device=dev)  # most undecided rows in one step
+        self.full_sorted = torch.zeros((), dtype=torch.int64, device=dev)  # tokens drawn by the full sort
+        self.waited = torch.zeros((), dtype=torch.int64, device=dev)  # row-steps that waited for a full sort
         self.steps_run = 0
         self.fns = compiled_fns() if compile else EAGER
         self.use_graphs = bool(cuda_graphs) and dev.type == "cuda" and torch.cuda.is_available()
-        self.graphs: dict[int, _Graph] = {}
+        self.graphs: dict[tuple, _Graph] = {}
         self.pool = None
         self.cos, self.sin = w.rope_tables(max_len)
 
@@ -313,8 +358,24 @@ class DecodeBatch:
     def admit(self, slots: list[int], ids, lengths, seeds, temps, top_ps, limits, no_eos=None) -> None:
         """Prefill new rows (right-padded `ids`) into free `slots` and sample each one's first token."""
         s = torch.tensor(slots, dtype=torch.int64, device=self.w.device)
-        no_eos = torch.zeros(len(slots), dtype=torch.bool, device=s.device) if no_eos is None else no_eos
-        logits = self._ban_eos(self.w.last_logits(ids, lengths, self.cache, s), no_eos)
+        self.start_rows(s, self.w.last_logits(ids, lengths, self.cache, s), lengths, seeds, temps, top_ps, limits,
+                        no_eos)
+
+    def hold(self, slots: list[int]) -> None:
+        """Slots whose prompts are being cached piece by piece. The step writes K/V at every slot's
+        position, live or not: point theirs at the last cache position, which nothing reads before
+        the row's own decode writes it, so the pieces cached so far stay intact."""
+        self.pos[torch.tensor(slots, dtype=torch.int64, device=self.w.device)] = self.max_len - 1
+
+    def prefill_piece(self, slots: list[int], ids, starts, ends):
+        """Cache the next piece of prompts (chunked prefill; see DecoderWeights.piece_logits); logits at its end."""
+        s = torch.tensor(slots, dtype=torch.int64, device=self.w.device)
+        return self.w.piece_logits(ids, starts, ends, self.cache, s)
+
+    def start_rows(self, s, logits, lengths, seeds, temps, top_ps, limits, no_eos=None) -> None:
+        """Rows whose whole prompt is cached in slots `s`: sample each one's first token from `logits` and go live."""
+        no_eos = torch.zeros(len(s), dtype=torch.bool, device=s.device) if no_eos is None else no_eos
+        logits = self._ban_eos(logits, no_eos)
         first = sample_rows(logits, temps, top_ps, seeds, torch.zeros_like(seeds))
         self.seeds[s], self.temps[s], self.top_ps[s], self.limit[s] = seeds, temps, top_ps, limits
         self.no_eos[s] = no_eos
@@ -337,9 +398,14 @@ class DecodeBatch:
                 self._advance(entry.logits)
 
     def snapshot(self) -> tuple[list[bool], list[int]]:
-        """(live, tokens generated) per slot: the one host sync between runs."""
-        both = torch.stack([self.active.to(torch.int64), self.steps]).cpu()
-        return [bool(a) for a in both[0]], both[1].tolist()
+        """(live, tokens generated) per slot: the one host sync between runs. Also sizes the
+        next runs' full-sort rows from the most undecided rows one step saw."""
+        both = torch.cat([self.active.to(torch.int64), self.steps, self.fallback_peak[None]]).cpu()
+        if self.top_k:
+            want = 2 * int(both[-1])
+            self.fallback_rows = min(self.slots, 1 if want <= 1 else 1 << (want - 1).bit_length())
+            self.fallback_peak.zero_()
+        return [bool(a) for a in both[:self.slots]], both[self.slots:2 * self.slots].tolist()
 
     def tokens_of(self, slots: list[int], width: int) -> list[list[int]]:
         idx = torch.tensor(slots, dtype=torch.int64, device=self.w.device)
@@ -374,8 +440,13 @@ class DecodeBatch:
         return f.logits(x[:, 0], w.norm_w, w.norm_eps, w.lm_w, w.lm_b)
 
     def _advance(self, logits) -> None:
-        nxt = self.fns.sample(self._ban_eos(logits, self.no_eos), self.temps, self.top_ps, self.seeds, self.steps)
-        live = self.active
+        logits = self._ban_eos(logits, self.no_eos)
+        if self.top_k:
+            nxt, waiting = self._sample_top_k(logits)
+            live = self.active & ~waiting
+        else:
+            nxt = self.fns.sample(logits, self.temps, self.top_ps, self.seeds, self.steps)
+            live = self.active
         idx = self.steps.clamp(max=self.max_new - 1)[:, None]
         self.out.scatter_(1, idx, torch.where(live, nxt, self.out.gather(1, idx)[:, 0])[:, None])
         self.kv_reads += torch.where(live, self.pos + 1, 0).sum()
@@ -386,10 +457,27 @@ class DecodeBatch:
         self.tokens.copy_(torch.where(live, nxt, self.tokens))
         self.active &= ~ended
 
+    def _sample_top_k(self, logits):
+        """(tokens, rows that wait this step): the pre-filter's tokens, the full sort's for up to
+        `fallback_rows` undecided rows (undecided rows first, then by slot)."""
+        tok, undecided = self.fns.sample_top_k(logits, self.temps, self.top_ps, self.seeds, self.steps, self.top_k)
+        undecided &= self.active
+        self.fallback_peak.copy_(torch.maximum(self.fallback_peak, undecided.sum()))
+        served = torch.sort(undecided.to(torch.uint8), descending=True, stable=True)[1][:self.fallback_rows]
+        full = self.fns.sample(logits[served], self.temps[served], self.top_ps[served], self.seeds[served],
+                               self.steps[served])
+        needed = undecided[served]
+        tok = tok.index_copy(0, served, torch.where(needed, full, tok[served]))
+        waiting = undecided.index_fill(0, served, False)
+        self.full_sorted += needed.sum()
+        self.waited += waiting.sum()
+        return tok, waiting
+
     # -- CUDA graphs
 
     def _graph(self, kv_len: int) -> _Graph:
-        entry = self.graphs.get(kv_len)
+        key = (kv_len, self.fallback_rows)  # the full-sort rows are a shape baked into the graph
+        entry = self.graphs.get(key)
         if entry is not None:
             return entry
         live, entry = self.active.clone(), None
@@ -409,7 +497,7 @@ class DecodeBatch:
         if entry is None:  # run eagerly from now on: slower, still correct
             self.use_graphs = False
             return _Graph(graph=None, logits=None)
-        self.graphs[kv_len] = entry
+        self.graphs[key] = entry
         return entry
 
     def _capture(self, kv_len: int, full: bool) -> _Graph:

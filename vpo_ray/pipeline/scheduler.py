@@ -6,9 +6,14 @@ lengths, so little padding). Free slots are filled by prefill batches of at most
 with attention over the cache up to the next `kv_bucket` multiple past the longest live
 row. At each host check the scheduler reads which rows ended (EOS or limit: the step marks
 them itself), scans live rows' newest tokens for stop strings and ends those, and hands
-finished rows back. With `continuous`, a refill happens as soon as `refill_min_free`
-slots are free; without it the batch runs in waves (all slots drain before the next fill),
-which is what a plain padded `generate` does.
+finished rows back. With `continuous`, queued rows take free slots at every host check
+(`refill_every_check`), or once `refill_min_free` slots are free; without it the batch runs
+in waves (all slots drain before the next fill), which is what a plain padded `generate` does.
+
+With `prefill_chunk_tokens`, admitted rows hold their slots while their prompts are cached
+piece by piece: one piece batch of at most that many tokens per host check, between decode
+runs, so live rows never wait for more than one piece; pieces run back to back while fewer
+rows decode than wait for their prompt (nothing worth protecting from the stall).
 """
 from __future__ import annotations
 
@@ -44,7 +49,8 @@ def decode_batch_for(engine, n_rows: int, need_len: int, need_new: int, pin: boo
     slots = want
     if w.device.type == "cuda":
         slots = min(slots, _slots_that_fit(engine, max_len))
-    batch = DecodeBatch(w, slots, max_len, max_new, engine.eos_ids, cuda_graphs=cfg.cuda_graphs, compile=cfg.compile)
+    batch = DecodeBatch(w, slots, max_len, max_new, engine.eos_ids, cuda_graphs=cfg.cuda_graphs, compile=cfg.compile,
+                        top_k=cfg.sampler_top_k)
     batch.pinned = pin
     engine._batch = batch
     return batch
@@ -74,11 +80,14 @@ class SlotScheduler:
         self.e, self.cfg, self.rows, self.stop = engine, engine.cfg, rows, tuple(stop)
         self.out: list = [None] * len(rows)
         self.live: dict = {}  # slot -> row
+        self.pending: list = []  # [slot, row, prompt tokens cached] of rows still being prefilled (chunked)
         self.steps: dict = {}  # slot -> tokens generated at the last check
         self.scanned: dict = {}  # slot -> tokens already scanned for stop strings
         self.overlap = max((len(s) for s in self.stop), default=0) + 4  # tokens a stop string can straddle
         self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "prefill_tokens": 0, "prefill_padded_tokens": 0,
-                      "prefill_batches": 0, "checks": 0, "generated_tokens": 0, "sampled_tokens": 0}
+                      "prefill_batches": 0, "checks": 0, "generated_tokens": 0, "sampled_tokens": 0,
+                      # host check at which each row (caller's order) got a slot, and at which it began decoding
+                      "admitted_at_check": [], "started_at_check": []}
 
     def run(self) -> list:
         from vpo_ray.pipeline.llm_engine import _RowOut
@@ -93,25 +102,50 @@ class SlotScheduler:
             return self.out
         batch = decode_batch_for(self.e, len(todo), max(len(r.ids) + r.limit for r in todo),
                                  max(r.limit for r in todo))
-        kv0, steps0 = int(batch.kv_reads), batch.steps_run
+        counters0 = self._counters(batch)
         queue = deque(sorted(todo, key=lambda r: len(r.ids)))
         free = list(range(batch.slots - 1, -1, -1))
-        refill = self.cfg.refill_min_free or max(1, batch.slots // 8)
-        while queue or self.live:
-            if queue and free and (not self.live or (self.cfg.continuous and len(free) >= min(refill, len(queue)))):
+        self.stats["admitted_at_check"] = [None] * len(self.rows)
+        self.stats["started_at_check"] = [None] * len(self.rows)
+        while queue or self.live or self.pending:
+            if queue and free and self._refill_now(len(free), len(queue), batch.slots):
                 self._admit(batch, queue, free)
+            if self.pending:
+                self._prefill_pieces(batch)
             if self.live:
                 self._decode(batch, free)
-        self.stats.update(slots=batch.slots, max_len=batch.max_len, decode_steps=batch.steps_run - steps0,
-                          kv_reads=int(batch.kv_reads) - kv0, graphs=len(batch.graphs),
+        counters = {k: v - counters0[k] for k, v in self._counters(batch).items()}
+        self.stats.update(slots=batch.slots, max_len=batch.max_len, graphs=len(batch.graphs), **counters,
                           graph_mode=("off" if not batch.use_graphs else
                                       "full" if all(g.logits is None for g in batch.graphs.values()) else "forward"))
         self.e.stats.update(self.stats)
         return self.out
 
+    @staticmethod
+    def _counters(batch: DecodeBatch) -> dict:
+        """The batch's running totals (this call's share is the difference over the call)."""
+        return {"decode_steps": batch.steps_run, "kv_reads": int(batch.kv_reads),
+                "sampler_full_sort_tokens": int(batch.full_sorted), "sampler_waited_row_steps": int(batch.waited)}
+
+    def _refill_now(self, n_free: int, n_queued: int, slots: int) -> bool:
+        """Whether queued rows take free slots at this check."""
+        if not self.live and not self.pending:
+            return True  # nothing decodes: fill (the first fill, or the next wave)
+        if not self.cfg.continuous:
+            return False
+        if self.cfg.refill_every_check:
+            return True
+        return n_free >= min(self.cfg.refill_min_free or max(1, slots // 8), n_queued)
+
     def _admit(self, batch: DecodeBatch, queue: deque, free: list) -> None:
-        t0 = time.perf_counter()
         take = [queue.popleft() for _ in range(min(len(free), len(queue)))]
+        for r in take:
+            self.stats["admitted_at_check"][r.index] = self.stats["checks"]
+        if self.cfg.prefill_chunk_tokens:  # slots taken now, prompts cached piece by piece
+            self.pending += [[free.pop(), r, 0] for r in take]
+            batch.hold([e[0] for e in self.pending[-len(take):]])
+            return
+        t0 = time.perf_counter()
         start = 0
         while start < len(take):  # prefill batches within the token budget (rows are sorted by length)
             stop = start + 1
@@ -125,17 +159,74 @@ class SlotScheduler:
     def _prefill(self, batch: DecodeBatch, rows: list, slots: list) -> None:
         dev = batch.w.device
         ids, lengths = self.e._right_pad([r.ids for r in rows])
-        batch.admit(slots, ids, lengths,
-                    torch.tensor([r.seed for r in rows], dtype=torch.int64, device=dev),
-                    torch.tensor([r.temperature for r in rows], dtype=torch.float32, device=dev),
-                    torch.tensor([r.top_p for r in rows], dtype=torch.float32, device=dev),
-                    torch.tensor([r.limit for r in rows], dtype=torch.int64, device=dev),
-                    torch.tensor([r.no_eos for r in rows], dtype=torch.bool, device=dev))
+        batch.admit(slots, ids, lengths, *self._row_tensors(rows, dev))
+        self._went_live(slots, rows)
+        self._count_prefill(ids.numel())
+
+    def _went_live(self, slots: list, rows: list) -> None:
         for s, r in zip(slots, rows):
             self.live[s], self.steps[s], self.scanned[s] = r, 1, 0
+            self.stats["started_at_check"][r.index] = self.stats["checks"]
         self.stats["prefill_tokens"] += sum(len(r.ids) for r in rows)
-        self.stats["prefill_padded_tokens"] += ids.numel()
+
+    def _count_prefill(self, padded_tokens: int) -> None:
+        self.stats["prefill_padded_tokens"] += padded_tokens
         self.stats["prefill_batches"] += 1
+
+    def _prefill_pieces(self, batch: DecodeBatch) -> None:
+        """One piece batch of at most `prefill_chunk_tokens`, more while fewer rows decode than wait."""
+        t0 = time.perf_counter()
+        self._prefill_piece(batch)
+        while self.pending and len(self.live) < len(self.pending):
+            self._prefill_piece(batch)
+        _sync(batch)
+        self.stats["prefill_s"] += time.perf_counter() - t0
+
+    def _prefill_piece(self, batch: DecodeBatch) -> None:
+        """The next pieces of the first pending rows (rows x widest piece <= the budget); rows whose
+        prompt is then whole sample their first token and go live."""
+        budget = self.cfg.prefill_chunk_tokens
+        group, width = [], 0
+        for entry in self.pending:
+            piece = min(len(entry[1].ids) - entry[2], budget)
+            if group and (len(group) + 1) * max(width, piece) > budget:
+                break
+            group.append(entry)
+            width = max(width, piece)
+        pieces = [e[1].ids[e[2]:e[2] + width] for e in group]
+        ids, _ = self.e._right_pad(pieces)
+        dev = batch.w.device
+        starts = torch.tensor([e[2] for e in group], dtype=torch.int64, device=dev)
+        ends = starts + torch.tensor([len(p) for p in pieces], dtype=torch.int64, device=dev)
+        slots = [e[0] for e in group]
+        if all(e[2] == 0 for e in group):  # first pieces: the unchunked prefill's own path
+            logits = batch.w.last_logits(ids, ends - starts, batch.cache, torch.tensor(slots, device=dev))
+        else:
+            logits = batch.prefill_piece(slots, ids, starts, ends)
+        for e, p in zip(group, pieces):
+            e[2] += len(p)
+        self._count_prefill(ids.numel())
+        whole = [k for k, e in enumerate(group) if e[2] == len(e[1].ids)]
+        if whole:
+            self._start(batch, [group[k] for k in whole], logits[whole])
+        self.pending = [e for e in self.pending if e[2] < len(e[1].ids)]
+
+    def _start(self, batch: DecodeBatch, entries: list, logits) -> None:
+        dev = batch.w.device
+        rows, slots = [e[1] for e in entries], [e[0] for e in entries]
+        batch.start_rows(torch.tensor(slots, dtype=torch.int64, device=dev), logits,
+                         torch.tensor([len(r.ids) for r in rows], dtype=torch.int64, device=dev),
+                         *self._row_tensors(rows, dev))
+        self._went_live(slots, rows)
+
+    @staticmethod
+    def _row_tensors(rows: list, dev) -> tuple:
+        """Per-row sampling settings as the batch takes them: seeds, temperatures, top-p, limits, no-EOS."""
+        return (torch.tensor([r.seed for r in rows], dtype=torch.int64, device=dev),
+                torch.tensor([r.temperature for r in rows], dtype=torch.float32, device=dev),
+                torch.tensor([r.top_p for r in rows], dtype=torch.float32, device=dev),
+                torch.tensor([r.limit for r in rows], dtype=torch.int64, device=dev),
+                torch.tensor([r.no_eos for r in rows], dtype=torch.bool, device=dev))
 
     def _decode(self, batch: DecodeBatch, free: list) -> None:
         t0 = time.perf_counter()
