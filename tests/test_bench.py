@@ -111,8 +111,15 @@ def test_llm_stages_tiny(tiny_cache, tmp_path, capsys):
     assert v["max_abs_p_yes_difference"] < 1e-5  # the bucketed prefill reads the old path's P(yes)
     assert m["invariance"]["rows_identical"] == m["invariance"]["rows"] == 2  # CPU: batching changes no token
     assert set(m["stages"]) == {"critique", "refine"} and all(s["tok_s"] > 0 for s in m["stages"].values())
-    assert set(m["ablations"]) == {"hf-generate-b64", "static-eager", "graphs-waves", "graphs-continuous",
-                                   "graphs-continuous-64-slots", "graphs-continuous-no-kv-buckets"}
+    assert set(m["ablations"]) == {"graphs-continuous", "+refill-every-check", "+sampler-top-k-256",
+                                   "+prefill-chunks-4096", "engine-defaults", "hf-generate-b64", "static-eager",
+                                   "graphs-waves", "graphs-continuous-64-slots", "graphs-continuous-no-kv-buckets"}
+    ablations = m["ablations"]  # each new switch reached its engine; the same rows came out of every variant
+    assert ablations["+sampler-top-k-256"]["config"] == {"refill_every_check": False, "prefill_chunk_tokens": 0,
+                                                         "sampler_top_k": 256}
+    assert ablations["+sampler-top-k-256"]["sampler_full_sort_share"] == 1.0  # a flat random model: never decided
+    assert ablations["graphs-continuous"]["sampler_full_sort_share"] == 0.0  # (top-k off: no row counted)
+    assert len({v["generated_tokens"] for v in ablations.values() if v["backend"] == "static"}) == 1
     vlm = rec["vlm"]["tiny-video-judge"]
     assert vlm["prefix_reuse"]["videos_per_s"] > 0 and vlm["questions"] == 3
     assert vlm["hf_per_question"]["max_abs_p_yes_vs_prefix_reuse"] < 1e-5

@@ -19,8 +19,10 @@ written after each one, so a run cut off by its time limit keeps what it measure
               (left-padded batches of 8, full logits) on a subset: prompt tok/s, rows/s, MFU
   vlm         vpo_ray.bench.vlm_judge: videos judged per second (prefix reuse vs not vs plain HF)
   invariance  rows generated alone vs in the engine batch: how often bf16 batching changes a token
-  ablations   one workload, one change at a time: HF generate at batch 64, eager static loop,
-              + CUDA graphs in waves, + continuous batching, 64 slots, no KV-length buckets
+  ablations   one workload, one change at a time from the engine before #18's second round
+              (graphs, continuous batching, refill at 1/8 free, whole prompts, full sort): + refill
+              at every host check, + top-k sampler pre-filter, + chunked prefill, all defaults;
+              then HF generate at batch 64, eager static loop, waves, 64 slots, no KV-length buckets
   compile     + torch.compile of the step pieces
 
 Figures (vpo_ray.bench.llm_figures): generated tok/s = returned tokens / wall time of the
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Optional
 
 from vpo_ray.bench import common, llm_figures
 from vpo_ray.bench.config import BenchConfig
@@ -89,6 +92,28 @@ def workload(n: int, prompt_tokens, stage: str, cap: int, vocab: int, seed: int)
     rng = random.Random(seed)
     prompts = [[rng.randrange(10, max(11, vocab - 300)) for _ in range(rng.randint(*prompt_tokens))] for _ in range(n)]
     return prompts, draw_lengths(RandomOutputsConfig(), stage, [seed * 1_000_003 + i for i in range(n)], cap)
+
+
+# The engine as measured before the second round of #18 (refill at 1/8 free slots, whole-prompt
+# prefill, full-vocabulary sort): the row each ablation changes one thing of.
+BEFORE_ROUND2 = dict(refill_every_check=False, prefill_chunk_tokens=0, sampler_top_k=0)
+
+
+def ablation_variants(rows: int) -> list[tuple[str, dict, Optional[int]]]:
+    """(label, engine settings, rows or None for all) of the ablations phase, in run order."""
+    defaults = LLMEngineConfig()
+    chunk = defaults.prefill_chunk_tokens or 4096  # the chunked-prefill row's budget when the default is off
+    return [("graphs-continuous", BEFORE_ROUND2, None),
+            ("+refill-every-check", {**BEFORE_ROUND2, "refill_every_check": True}, None),
+            (f"+sampler-top-k-{defaults.sampler_top_k}", {**BEFORE_ROUND2, "sampler_top_k": defaults.sampler_top_k},
+             None),
+            (f"+prefill-chunks-{chunk}", {**BEFORE_ROUND2, "prefill_chunk_tokens": chunk}, None),
+            ("engine-defaults", {}, None),  # every switch at its default together
+            ("hf-generate-b64", dict(backend="hf", max_batch_rows=64), min(rows, 64)),
+            ("static-eager", {**BEFORE_ROUND2, "cuda_graphs": False}, None),
+            ("graphs-waves", {**BEFORE_ROUND2, "continuous": False}, None),
+            ("graphs-continuous-64-slots", {**BEFORE_ROUND2, "max_batch_rows": 64}, None),
+            ("graphs-continuous-no-kv-buckets", {**BEFORE_ROUND2, "kv_bucket": 1 << 16}, None)]
 
 
 class LLMBench:
@@ -199,23 +224,17 @@ class LLMBench:
                 "first_differing_token": first_diff, "tokens_per_row": [len(a) for a in alone]}
 
     def phase_ablations(self, name: str) -> dict:
+        """One workload, one change at a time from the engine before #18's second round
+        (`BEFORE_ROUND2`), the new switches first (a run cut off by its time limit keeps them)."""
         lc = self.lc
         _, vocab = self.model(name)
         prompts, lengths = workload(lc.ablation_rows, lc.prompt_tokens, "rewrite", lc.max_new_tokens, vocab, seed=1)
-        small = min(len(prompts), 64)
-        variants = [("hf-generate-b64", dict(backend="hf", max_batch_rows=64), small),
-                    ("static-eager", dict(cuda_graphs=False), None),
-                    ("graphs-waves", dict(continuous=False), None),
-                    ("graphs-continuous", {}, None),
-                    ("graphs-continuous-64-slots", dict(max_batch_rows=64), None),
-                    ("graphs-continuous-no-kv-buckets", dict(kv_bucket=1 << 16), None)]
         out = {}
-        for label, cfg, rows in variants:
+        for label, cfg, rows in ablation_variants(len(prompts)):
             n = rows or len(prompts)
             common.guarded(out, label, lambda: self.decode(name, label, prompts[:n], lengths[:n], **cfg))
             self.write()
         return out
-
     def phase_compile(self, name: str) -> dict:
         lc = self.lc
         _, vocab = self.model(name)

@@ -7,8 +7,10 @@ Two back-ends share one contract (`generate` -> Completion per row, `yes_probabi
   model's weights. Rows are admitted into the slots of a static KV cache, shortest prompts
   first, in prefill batches bounded by a token budget; the decode step advances every live
   row, is captured as a CUDA graph per KV-length bucket, and runs `sync_every` steps between
-  host checks. A finished row's slot is refilled from the queue (continuous batching), and
-  stop strings end rows at those checks, not after the whole batch is done.
+  host checks. A finished row's slot is refilled from the queue at the next check (continuous
+  batching), prompts optionally cached in bounded pieces between decode runs, the top-p draw
+  made within the top-k tokens unless a row needs the full sort (vpo_ray.pipeline.scheduler,
+  vpo_ray.sampling), and stop strings end rows at those checks, not after the whole batch is done.
 - hf: `model.generate` with the same per-row sampler (vpo_ray.sampling) as a logits
   processor; for other architectures, or `LLMEngineConfig(backend="hf")`.
 
