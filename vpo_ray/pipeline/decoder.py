@@ -319,8 +319,9 @@ class DecodeBatch:
     With `top_k`, the step samples through the top-k pre-filter and sorts the whole vocabulary
     only for rows it leaves undecided, at most `fallback_rows` of them (a fixed shape, so the
     step stays one graph per (KV bucket, fallback_rows)); further undecided rows wait a step,
-    which recomputes the same logits for them. Each host check sets `fallback_rows` to the next
-    power of two at or above twice the most undecided rows seen in one step since the last check.
+    which recomputes the same logits for them. Each host check raises `fallback_rows` to the next
+    power of two at or above twice the most undecided rows seen in one step since the last check
+    (and lowers it to that once it is 4x too large).
     """
 
     def __init__(self, w: DecoderWeights, slots: int, max_len: int, max_new: int, eos_ids: list[int],
@@ -403,7 +404,9 @@ class DecodeBatch:
         both = torch.cat([self.active.to(torch.int64), self.steps, self.fallback_peak[None]]).cpu()
         if self.top_k:
             want = 2 * int(both[-1])
-            self.fallback_rows = min(self.slots, 1 if want <= 1 else 1 << (want - 1).bit_length())
+            want = min(self.slots, 1 if want <= 1 else 1 << (want - 1).bit_length())
+            if want > self.fallback_rows or want <= self.fallback_rows // 4:  # shrink lazily: each size is a graph
+                self.fallback_rows = want
             self.fallback_peak.zero_()
         return [bool(a) for a in both[:self.slots]], both[self.slots:2 * self.slots].tolist()
 

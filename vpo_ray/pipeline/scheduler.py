@@ -66,7 +66,7 @@ def _slots_that_fit(engine, max_len: int) -> int:
     free, _ = torch.cuda.mem_get_info(w.device)
     inter = w.layers[0].wgu.shape[0] // 2
     fixed = cfg.prefill_tokens * (12 * w.hidden + 6 * inter) * 2 + (1 << 30)  # prefill activations + slack
-    per_slot = w.kv_bytes_per_token() * max_len + w.vocab * 32  # K/V + the sampler's sort buffers
+    per_slot = w.kv_bytes_per_token() * max_len + w.vocab * 40  # K/V + the sampler's sort buffers (+ fallback rows)
     fit = int((free * cfg.kv_cache_fraction - fixed) // per_slot)
     if fit < 1:
         raise MemoryError(f"LLMEngine: no KV-cache slot of {max_len} positions fits in {free / 2**30:.1f} GiB free")
