@@ -99,8 +99,10 @@ def workload(n: int, prompt_tokens, stage: str, cap: int, vocab: int, seed: int)
 BEFORE_ROUND2 = dict(refill_every_check=False, prefill_chunk_tokens=0, sampler_top_k=0)
 
 
-def ablation_variants(rows: int) -> list[tuple[str, dict, Optional[int]]]:
-    """(label, engine settings, rows or None for all) of the ablations phase, in run order."""
+def ablation_variants(rows: int, longest: int) -> list[tuple[str, dict, Optional[int]]]:
+    """(label, engine settings, rows or None for all) of the ablations phase, in run order.
+    `longest`: the workload's longest prompt + output; one KV bucket of that length is "no buckets"
+    (attention over the whole cache every step) without sizing slots for 64k positions."""
     defaults = LLMEngineConfig()
     chunk = defaults.prefill_chunk_tokens or 4096  # the chunked-prefill row's budget when the default is off
     return [("graphs-continuous", BEFORE_ROUND2, None),
@@ -113,7 +115,7 @@ def ablation_variants(rows: int) -> list[tuple[str, dict, Optional[int]]]:
             ("static-eager", {**BEFORE_ROUND2, "cuda_graphs": False}, None),
             ("graphs-waves", {**BEFORE_ROUND2, "continuous": False}, None),
             ("graphs-continuous-64-slots", {**BEFORE_ROUND2, "max_batch_rows": 64}, None),
-            ("graphs-continuous-no-kv-buckets", {**BEFORE_ROUND2, "kv_bucket": 1 << 16}, None)]
+            ("graphs-continuous-no-kv-buckets", {**BEFORE_ROUND2, "kv_bucket": longest}, None)]
 
 
 class LLMBench:
@@ -230,7 +232,8 @@ class LLMBench:
         _, vocab = self.model(name)
         prompts, lengths = workload(lc.ablation_rows, lc.prompt_tokens, "rewrite", lc.max_new_tokens, vocab, seed=1)
         out = {}
-        for label, cfg, rows in ablation_variants(len(prompts)):
+        longest = max(map(len, prompts)) + max(lengths)  # what `decode` sizes the cache for
+        for label, cfg, rows in ablation_variants(len(prompts), longest):
             n = rows or len(prompts)
             common.guarded(out, label, lambda: self.decode(name, label, prompts[:n], lengths[:n], **cfg))
             self.write()
