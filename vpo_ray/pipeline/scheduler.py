@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass
 
 import torch
 
@@ -73,6 +74,18 @@ def _slots_that_fit(engine, max_len: int) -> int:
     return fit
 
 
+@dataclass
+class _Prefilling:
+    """A row that holds a slot while its prompt is cached piece by piece (chunked prefill)."""
+    slot: int
+    row: object  # llm_engine._Row
+    cached: int = 0  # prompt tokens in the cache so far
+
+    @property
+    def left(self) -> int:
+        return len(self.row.ids) - self.cached
+
+
 class SlotScheduler:
     """Runs one `generate_ids` call on the static back-end."""
 
@@ -80,7 +93,7 @@ class SlotScheduler:
         self.e, self.cfg, self.rows, self.stop = engine, engine.cfg, rows, tuple(stop)
         self.out: list = [None] * len(rows)
         self.live: dict = {}  # slot -> row
-        self.pending: list = []  # [slot, row, prompt tokens cached] of rows still being prefilled (chunked)
+        self.pending: list[_Prefilling] = []  # rows in slots whose prompts are still being cached (chunked)
         self.steps: dict = {}  # slot -> tokens generated at the last check
         self.scanned: dict = {}  # slot -> tokens already scanned for stop strings
         self.overlap = max((len(s) for s in self.stop), default=0) + 4  # tokens a stop string can straddle
@@ -142,8 +155,9 @@ class SlotScheduler:
         for r in take:
             self.stats["admitted_at_check"][r.index] = self.stats["checks"]
         if self.cfg.prefill_chunk_tokens:  # slots taken now, prompts cached piece by piece
-            self.pending += [[free.pop(), r, 0] for r in take]
-            batch.hold([e[0] for e in self.pending[-len(take):]])
+            new = [_Prefilling(free.pop(), r) for r in take]
+            batch.hold([p.slot for p in new])
+            self.pending += new
             return
         t0 = time.perf_counter()
         start = 0
@@ -187,33 +201,33 @@ class SlotScheduler:
         prompt is then whole sample their first token and go live."""
         budget = self.cfg.prefill_chunk_tokens
         group, width = [], 0
-        for entry in self.pending:
-            piece = min(len(entry[1].ids) - entry[2], budget)
+        for p in self.pending:
+            piece = min(p.left, budget)
             if group and (len(group) + 1) * max(width, piece) > budget:
                 break
-            group.append(entry)
+            group.append(p)
             width = max(width, piece)
-        pieces = [e[1].ids[e[2]:e[2] + width] for e in group]
+        pieces = [p.row.ids[p.cached:p.cached + width] for p in group]
         ids, _ = self.e._right_pad(pieces)
         dev = batch.w.device
-        starts = torch.tensor([e[2] for e in group], dtype=torch.int64, device=dev)
-        ends = starts + torch.tensor([len(p) for p in pieces], dtype=torch.int64, device=dev)
-        slots = [e[0] for e in group]
-        if all(e[2] == 0 for e in group):  # first pieces: the unchunked prefill's own path
+        starts = torch.tensor([p.cached for p in group], dtype=torch.int64, device=dev)
+        ends = starts + torch.tensor([len(piece) for piece in pieces], dtype=torch.int64, device=dev)
+        slots = [p.slot for p in group]
+        if all(p.cached == 0 for p in group):  # first pieces: the unchunked prefill's own path
             logits = batch.w.last_logits(ids, ends - starts, batch.cache, torch.tensor(slots, device=dev))
         else:
             logits = batch.prefill_piece(slots, ids, starts, ends)
-        for e, p in zip(group, pieces):
-            e[2] += len(p)
+        for p, piece in zip(group, pieces):
+            p.cached += len(piece)
         self._count_prefill(ids.numel())
-        whole = [k for k, e in enumerate(group) if e[2] == len(e[1].ids)]
+        whole = [k for k, p in enumerate(group) if p.left == 0]
         if whole:
             self._start(batch, [group[k] for k in whole], logits[whole])
-        self.pending = [e for e in self.pending if e[2] < len(e[1].ids)]
+        self.pending = [p for p in self.pending if p.left > 0]
 
-    def _start(self, batch: DecodeBatch, entries: list, logits) -> None:
+    def _start(self, batch: DecodeBatch, done: list, logits) -> None:
         dev = batch.w.device
-        rows, slots = [e[1] for e in entries], [e[0] for e in entries]
+        rows, slots = [p.row for p in done], [p.slot for p in done]
         batch.start_rows(torch.tensor(slots, dtype=torch.int64, device=dev), logits,
                          torch.tensor([len(r.ids) for r in rows], dtype=torch.int64, device=dev),
                          *self._row_tensors(rows, dev))
