@@ -466,6 +466,10 @@ class DecodeBatch:
         tok, undecided = self.fns.sample_top_k(logits, self.temps, self.top_ps, self.seeds, self.steps, self.top_k)
         undecided &= self.active
         self.fallback_peak.copy_(torch.maximum(self.fallback_peak, undecided.sum()))
+        if self.fallback_rows >= self.slots:  # every row may sort: no gather, nobody waits
+            full = self.fns.sample(logits, self.temps, self.top_ps, self.seeds, self.steps)
+            self.full_sorted += undecided.sum()
+            return torch.where(undecided, full, tok), torch.zeros_like(undecided)
         served = torch.sort(undecided.to(torch.uint8), descending=True, stable=True)[1][:self.fallback_rows]
         full = self.fns.sample(logits[served], self.temps[served], self.top_ps[served], self.seeds[served],
                                self.steps[served])
