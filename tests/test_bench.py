@@ -112,7 +112,7 @@ def test_llm_stages_tiny(tiny_cache, tmp_path, capsys):
     assert m["invariance"]["rows_identical"] == m["invariance"]["rows"] == 2  # CPU: batching changes no token
     assert set(m["stages"]) == {"critique", "refine"} and all(s["tok_s"] > 0 for s in m["stages"].values())
     assert set(m["ablations"]) == {"graphs-continuous", "+refill-every-check", "+sampler-top-k-256",
-                                   "+prefill-chunks-4096", "engine-defaults", "hf-generate-b64", "static-eager",
+                                   "+prefill-chunks-4096", "+refill+top-k", "hf-generate-b64", "static-eager",
                                    "graphs-waves", "graphs-continuous-64-slots", "graphs-continuous-no-kv-buckets"}
     ablations = m["ablations"]  # each new switch reached its engine; the same rows came out of every variant
     assert ablations["+sampler-top-k-256"]["config"] == {"refill_every_check": False, "prefill_chunk_tokens": 0,

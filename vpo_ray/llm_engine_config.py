@@ -19,8 +19,9 @@ class LLMEngineConfig:
     kv_bucket: int = 256  # decode attention reads the cache up to the next multiple of this past the longest row
     continuous: bool = True  # refill finished rows' slots mid-run; False = waves (a batch drains before the next)
     # admit queued rows into any free slot at every host check (slots stay full); False: wait
-    # until refill_min_free slots are free, so refills come as fewer, larger prefill batches
-    refill_every_check: bool = True
+    # until refill_min_free slots are free, so refills come as fewer, larger prefill batches.
+    # Off until the GPU ablation row measures it (the engine's GPU figures were taken without it).
+    refill_every_check: bool = False
     refill_min_free: int = 0  # with refill_every_check off: free slots that trigger a refill; 0 = max(1, slots // 8)
     sync_every: int = 8  # decode steps between host checks (finished rows, stop strings)
     prefill_tokens: int = 16384  # tokens (rows x longest row) in one prefill or verdict batch
@@ -33,7 +34,9 @@ class LLMEngineConfig:
     # top-p within the k most likely tokens (torch.topk) instead of sorting the whole vocabulary;
     # a row whose nucleus may reach past them is sampled by the full sort (same tokens; a decode
     # step sorts at most `fallback` rows and lets the rest wait one step). 0 = always the full sort.
-    sampler_top_k: int = 256
+    # Off until measured on a GPU: random weights' flat distributions send every row to the full
+    # sort, and capturing torch.topk in the decode graph is untried on CUDA.
+    sampler_top_k: int = 0
 
     def __post_init__(self) -> None:
         if self.backend not in ("auto", "static", "hf"):

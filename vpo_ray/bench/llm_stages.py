@@ -104,13 +104,14 @@ def ablation_variants(rows: int, longest: int) -> list[tuple[str, dict, Optional
     `longest`: the workload's longest prompt + output; one KV bucket of that length is "no buckets"
     (attention over the whole cache every step) without sizing slots for 64k positions."""
     defaults = LLMEngineConfig()
-    chunk = defaults.prefill_chunk_tokens or 4096  # the chunked-prefill row's budget when the default is off
+    # the values tried where a switch is off by default (off until these rows measure it)
+    chunk, top_k = defaults.prefill_chunk_tokens or 4096, defaults.sampler_top_k or 256
+    both = {"refill_every_check": True, "sampler_top_k": top_k}
     return [("graphs-continuous", BEFORE_ROUND2, None),
             ("+refill-every-check", {**BEFORE_ROUND2, "refill_every_check": True}, None),
-            (f"+sampler-top-k-{defaults.sampler_top_k}", {**BEFORE_ROUND2, "sampler_top_k": defaults.sampler_top_k},
-             None),
+            (f"+sampler-top-k-{top_k}", {**BEFORE_ROUND2, "sampler_top_k": top_k}, None),
             (f"+prefill-chunks-{chunk}", {**BEFORE_ROUND2, "prefill_chunk_tokens": chunk}, None),
-            ("engine-defaults", {}, None),  # every switch at its default together
+            ("+refill+top-k", {**BEFORE_ROUND2, **both}, None),  # the two expected to pay, together
             ("hf-generate-b64", dict(backend="hf", max_batch_rows=64), min(rows, 64)),
             ("static-eager", {**BEFORE_ROUND2, "cuda_graphs": False}, None),
             ("graphs-waves", {**BEFORE_ROUND2, "continuous": False}, None),
