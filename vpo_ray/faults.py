@@ -246,17 +246,3 @@ def _act(fault: Fault) -> None:
             torch.cuda.synchronize()
         else:
             time.sleep(min(_HANG_CHUNK_S, max(deadline - time.monotonic(), 0.0)))
-
-
-def trainer_callback(rank: int, world: int):
-    """A transformers TrainerCallback that fires `train_step` after every optimizer step, or
-    None when no train_step fault is set (then training carries no extra callback at all)."""
-    if not any(f.point == "train_step" for f in active()):
-        return None
-    from transformers import TrainerCallback
-
-    class FaultAtStep(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            fire("train_step", step=state.global_step, rank=rank, world=world)
-
-    return FaultAtStep()

@@ -228,6 +228,62 @@ def _metric_classes() -> tuple:
     return StepMetrics, NoSaveAtEnd
 
 
+# ---------------------------------------------------------------------------- fault drill
+
+def fault_drill(rank: int, world: int):
+    """A TrainerCallback that fires VPO_FAULTS' `train_step` after every optimizer step, or None
+    when no train_step fault is set (then training carries no extra callback at all). Before a
+    drill fires on this rank it waits until Ray Train has registered the newest checkpoint, so
+    that a kill tests a resume from it (see wait_until_registered)."""
+    from vpo_ray import faults
+
+    if not any(f.point == "train_step" for f in faults.active()):
+        return None
+    from transformers import TrainerCallback
+
+    class FaultDrill(TrainerCallback):
+        saved = 0  # the newest checkpoint's step: restored at the start, then each save
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.saved = state.global_step
+
+        def on_save(self, args, state, control, **kwargs):
+            self.saved = state.global_step
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if faults.due("train_step", step=state.global_step, rank=rank, world=world):
+                wait_until_registered(self.saved)
+                faults.fire("train_step", step=state.global_step, rank=rank, world=world)
+
+    return FaultDrill()
+
+
+def wait_until_registered(saved: int, timeout_s: float = 300.0) -> None:
+    """Block until Ray Train has registered checkpoint `saved` (0: return at once). Ray Train's
+    controller collects the ranks' reports every few seconds, and a worker that dies in between
+    takes its report with it: the run then restarts from the checkpoint before, or from scratch
+    (seen in CI), and a drill meant to test a resume tests something else."""
+    import ray.train
+
+    if not saved:
+        return
+    run = ray.train.get_context().get_storage()
+    snapshot = os.path.join(run.experiment_fs_path, "checkpoint_manager_snapshot.json")
+    deadline = time.monotonic() + timeout_s
+    while f"checkpoint_{saved:08d}" not in _read_or_empty(run.storage_filesystem, snapshot):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"fault drill: checkpoint {saved} was never registered in {snapshot}")
+        time.sleep(0.2)
+
+
+def _read_or_empty(fs, path: str) -> str:
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read().decode("utf-8", "replace")
+    except (OSError, FileNotFoundError):
+        return ""
+
+
 def last_step_metrics(state) -> dict:
     """The newest logged step's numbers (what Ray attaches to the checkpoint)."""
     out: dict = {"epoch": float(state.epoch or 0.0)}

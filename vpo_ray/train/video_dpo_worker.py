@@ -26,6 +26,7 @@ import time
 from typing import Optional
 
 from vpo_ray import faults, storage
+from vpo_ray.train.callbacks import wait_until_registered
 from vpo_ray.train.video_dpo_config import VideoDPOConfig
 
 CKPT_TAG = "state"  # DeepSpeed's tag (sub-folder) inside each reported checkpoint
@@ -275,32 +276,6 @@ def export(state: dict, cfg: VideoDPOConfig, model_path: str, local_root: str) -
     model_dir = os.path.join(local_root, "model")
     pipe.save_pretrained(model_dir)
     _put_dir(model_dir, storage.join(cfg.out, "model"))
-
-
-def wait_until_registered(saved: int) -> None:
-    """Block until Ray Train has registered checkpoint `saved`. A train_step drill (VPO_FAULTS) waits
-    for it before killing this worker: the controller collects reports every few seconds and a worker
-    that dies in between takes its report with it, which would make the drill test a fresh start
-    instead of a resume."""
-    import ray.train
-
-    if not saved:
-        return
-    run = ray.train.get_context().get_storage()
-    snapshot = os.path.join(run.experiment_fs_path, "checkpoint_manager_snapshot.json")
-    deadline = time.monotonic() + 300
-    while f"checkpoint_{saved:08d}" not in _read_or_empty(run.storage_filesystem, snapshot):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"fault drill: checkpoint {saved} was never registered in {snapshot}")
-        time.sleep(0.2)
-
-
-def _read_or_empty(fs, path: str) -> str:
-    try:
-        with fs.open_input_stream(path) as f:
-            return f.read().decode("utf-8", "replace")
-    except (OSError, FileNotFoundError):
-        return ""
 
 
 # ---------------------------------------------------------------------------- the worker

@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from vpo_ray import faults, storage
+from vpo_ray import storage
 from vpo_ray.config import ConfigError, TrainConfig
-from vpo_ray.train.callbacks import HF_CKPT, callback_classes, write_metrics
+from vpo_ray.train.callbacks import HF_CKPT, callback_classes, fault_drill, write_metrics
 
 log = logging.getLogger("vpo.train")
 
@@ -398,7 +398,7 @@ def train_worker(config: dict) -> None:
                        "_train_called": time.perf_counter()}
             for callback in (saver, StepMetrics(cfg.out, rank, attempt)):
                 trainer.add_callback(callback)
-            if (drill := faults.trainer_callback(rank, world)) is not None:  # VPO_FAULTS train_step drills
+            if (drill := fault_drill(rank, world)) is not None:  # VPO_FAULTS train_step drills
                 trainer.add_callback(drill)
             if not cfg.save_at_end:
                 trainer.add_callback(NoSaveAtEnd())
