@@ -25,6 +25,7 @@ import json
 import os
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -96,10 +97,7 @@ def _targets(ref: dict) -> dict:
     with_videos = sorted(q for q, r in ref.items() if any(json.loads(v).get("video_uri") for v in r["videos"]))
     others = sorted(ran_through - set(with_videos[:2]))
     if len(with_videos) < 2 or not others:
-        stages: dict[str, int] = {}
-        for r in ref.values():
-            if r["error"] is not None:
-                stages[r["error"][0]] = stages.get(r["error"][0], 0) + 1
+        stages = dict(Counter(r["error"][0] for r in ref.values() if r["error"] is not None))
         raise RuntimeError(f"the undisturbed run is too thin to aim at: {len(with_videos)} queries with videos "
                            f"(2 needed), {len(others)} other queries that ran every stage (1 needed), of "
                            f"{len(ref)}; error rows by stage: {stages or 'none'}")

@@ -251,11 +251,19 @@ def fault_drill(rank: int, world: int):
             self.saved = state.global_step
 
         def on_step_end(self, args, state, control, **kwargs):
-            if faults.due("train_step", step=state.global_step, rank=rank, world=world):
-                wait_until_registered(self.saved)
-                faults.fire("train_step", step=state.global_step, rank=rank, world=world)
+            train_step_drill(state.global_step, rank, world, self.saved)
 
     return FaultDrill()
+
+
+def train_step_drill(step: int, rank: int, world: int, saved: int) -> None:
+    """VPO_FAULTS' `train_step` after optimizer step `step` (TRL and video-DPO workers alike): when a
+    drill is due here, first wait until checkpoint `saved` is registered, then fire it."""
+    from vpo_ray import faults
+
+    if faults.due("train_step", step=step, rank=rank, world=world):
+        wait_until_registered(saved)
+        faults.fire("train_step", step=step, rank=rank, world=world)
 
 
 def wait_until_registered(saved: int, timeout_s: float = 300.0) -> None:

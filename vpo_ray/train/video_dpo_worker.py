@@ -25,8 +25,8 @@ import tempfile
 import time
 from typing import Optional
 
-from vpo_ray import faults, storage
-from vpo_ray.train.callbacks import wait_until_registered
+from vpo_ray import storage
+from vpo_ray.train.callbacks import train_step_drill
 from vpo_ray.train.video_dpo_config import VideoDPOConfig
 
 CKPT_TAG = "state"  # DeepSpeed's tag (sub-folder) inside each reported checkpoint
@@ -361,9 +361,7 @@ def train_worker(config: dict) -> None:
                "pairs_per_second": round(pairs_per_step / (time.perf_counter() - t_step), 4)}
         if rank == 0 and ((step + 1) % cfg.logging_steps == 0 or step + 1 == steps):
             append_metrics(metrics_uri, row)
-        if faults.due("train_step", step=step + 1, rank=rank, world=ctx["world"]):
-            wait_until_registered(saved)
-            faults.fire("train_step", step=step + 1, rank=rank, world=ctx["world"])
+        train_step_drill(step + 1, rank, ctx["world"], saved)
         if (step + 1) % cfg.save_steps == 0 or step + 1 == steps:
             save_checkpoint(engine, cfg, step + 1, epoch, row, rank)
             saved = step + 1
